@@ -1,0 +1,75 @@
+"""Backend choice: which kernels run a given call.
+
+``resolve_backend(name, x)`` returns a module with the functions of
+:mod:`batchnorm.kernels.torch_ops` (``batch_stats``, ``normalize``,
+``backward``, ``update_running_stats``).
+
+* ``"auto"``: the environment variable ``BATCHNORM_BACKEND`` if set (for
+  tests), else the fastest backend that can run on ``x``'s device;
+* ``"torch"``: the portable path, always available;
+* ``"cpu"``, ``"triton"``: the fused kernels; asking for one that cannot run
+  raises ``RuntimeError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from .kernels import torch_ops
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+ENV_VAR = "BATCHNORM_BACKEND"
+
+# name -> (loader, reason it cannot run or None); loaders import lazily so a
+# missing optional engine never breaks ``import batchnorm``.
+_NOT_BUILT = "is not part of this version of batchnorm yet"
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
+    """Why backend ``name`` cannot run on ``x``, or ``None`` if it can."""
+    _check_name(name)
+    if name == "torch":
+        return None
+    if name == "cpu":
+        return f"the fused CPU backend {_NOT_BUILT}"
+    if name == "triton":
+        if x.device.type != "cuda":
+            return f"the Triton backend runs on CUDA tensors, got a tensor on {x.device}"
+        return f"the Triton backend {_NOT_BUILT}"
+    return None
+
+
+def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
+    """The kernels module for backend ``name`` and input ``x``.
+
+    Raises:
+        ValueError: ``name`` is not a backend.
+        RuntimeError: the backend was asked for by name and cannot run on ``x``.
+    """
+    _check_name(name)
+    if name == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced and forced != "auto":
+            return resolve_backend(forced, x)
+        for candidate in ("triton", "cpu"):
+            if unavailable_reason(candidate, x) is None:
+                return _load(candidate)
+        return torch_ops
+    reason = unavailable_reason(name, x)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run: {reason}")
+    return _load(name)
+
+
+def _load(name: str) -> ModuleType:
+    if name == "torch":
+        return torch_ops
+    raise RuntimeError(f"backend={name!r} cannot run: it {_NOT_BUILT}")
