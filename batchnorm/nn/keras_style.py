@@ -19,6 +19,7 @@ Keras                  PyTorch / ``batchnorm``
 from __future__ import annotations
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from .batchnorm import BatchNorm
 
@@ -65,6 +66,8 @@ class BatchNormalization(BatchNorm):
                  device=None, dtype=None):
         if not isinstance(axis, int):
             raise TypeError(f"axis must be an int, got {axis!r}")
+        if axis == 0:
+            raise ValueError("axis 0 is the batch axis; the channel axis must be another one")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self._keras_scale, self._keras_center = bool(scale), bool(center)
@@ -88,19 +91,26 @@ class BatchNormalization(BatchNorm):
                 self.bias.zero_()
 
     def initialize_parameters(self, input, residual=None) -> None:  # noqa: ARG002
-        super().initialize_parameters(self._to_channel_first(input))
+        # Not torch's: with scale=False there is a bias but no weight.
+        if not self.has_uninitialized_params():
+            return
+        self.num_features = self._to_channel_first(input).shape[1]
+        for t in (self.weight, self.bias, self.running_mean, self.running_var):
+            if t is not None and is_lazy(t):
+                t.materialize((self.num_features,))
+        self.reset_parameters()
 
     def _to_channel_first(self, x):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
         if not -x.dim() <= self.axis < x.dim():
             raise ValueError(f"axis {self.axis} is out of range for a {x.dim()}D input")
+        if self.axis % x.dim() == 0:
+            raise ValueError("axis 0 is the batch axis; the channel axis must be another one")
         return x.movedim(self.axis, 1)
 
     def forward(self, input, residual=None):
         x = self._to_channel_first(input)
-        if x.dim() > 0 and self.axis % input.dim() == 0:
-            raise ValueError("axis 0 is the batch axis; the channel axis must be another one")
         r = None if residual is None else residual.movedim(self.axis, 1)
         return self._batch_norm(x, r).movedim(1, self.axis)
 
