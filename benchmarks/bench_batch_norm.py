@@ -1,0 +1,186 @@
+"""Benchmark: our ``BatchNorm2d`` against ``torch.nn.BatchNorm2d``, same process.
+
+Training mode, forward and forward+backward, NCHW and channels_last, float32
+and bfloat16, ResNet-like shapes, plain and with ReLU (ours fused
+``activation="relu"``, torch's BN then ``torch.relu``). Both sides allocate
+a fresh output (and fresh gradients) on every call, as a user's training step
+does; neither reuses buffers between calls. Gradients are taken with
+``torch.autograd.grad`` for the input, weight and bias, so no ``.grad``
+accumulation is timed.
+
+Writes one CSV row per (case, pass) with the environment (see
+``benchmarks/_harness.py``), then renders the markdown table and the PNG from
+that CSV (``benchmarks/plot.py``).
+
+Examples:
+    .venv/bin/python benchmarks/bench_batch_norm.py            # full run, ~6 min on 2 cores
+    .venv/bin/python benchmarks/bench_batch_norm.py --quick    # a subset, ~1 min
+    .venv/bin/python benchmarks/bench_batch_norm.py --device cuda  # -> docs/benchmarks/cuda_*
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import batchnorm
+from batchnorm._backend import resolve_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+import plot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ResNet-50's BN inputs at batch 32 (stages 1-4), sized for a 2-core CPU, plus
+# a small one where the per-call overhead shows.
+SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7),
+          (8, 64, 8, 8)]
+QUICK_SHAPES = [(32, 256, 14, 14), (8, 64, 8, 8)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+ACTIVATIONS = [None, "relu"]
+ALLOCATION = "fresh output and gradients per call, both sides"
+
+
+def _modules(C, activation, device):
+    ours = batchnorm.BatchNorm2d(C, activation=activation, device=device)
+    theirs = torch.nn.BatchNorm2d(C, device=device)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        ours.bias.copy_(torch.randn(C, generator=g))
+        theirs.load_state_dict(ours.state_dict())
+    return ours.train(), theirs.train()
+
+
+def _min_bytes(numel, itemsize, pass_, activation):
+    """The fewest bytes the op must move: read x, write y (+ read g, x, [y], write dx)."""
+    fwd = 2 * numel * itemsize
+    if pass_ == "forward":
+        return fwd
+    return fwd + (3 + (activation is not None)) * numel * itemsize
+
+
+def bench_case(shape, dtype, fmt, activation, device, rounds, min_run_time, peak_gbps):
+    """Rows for one (shape, dtype, memory format, activation): forward and forward+backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    ours, theirs = _modules(shape[1], activation, device)
+
+    def ours_fwd():
+        return ours(x)
+
+    def torch_fwd():
+        y = theirs(x)
+        return torch.relu(y) if activation == "relu" else y
+
+    def ours_fb():
+        return torch.autograd.grad(ours_fwd(), (x, ours.weight, ours.bias), grad)
+
+    def torch_fb():
+        return torch.autograd.grad(torch_fwd(), (x, theirs.weight, theirs.bias), grad)
+
+    # Same numbers on both sides, or the timing means nothing.
+    diff = max((a.float() - b.float()).abs().max().item()
+               for a, b in zip((ours_fwd(), *ours_fb()), (torch_fwd(), *torch_fb()), strict=True))
+    tol = 1e-3 if dtype == torch.float32 else 0.1
+    if not diff <= tol * max(1.0, x.detach().float().abs().max().item()):
+        raise RuntimeError(f"ours and torch disagree by {diff:.3g} on {shape} {dtype} {fmt}")
+
+    rows = []
+    backend = resolve_backend("auto", x).__name__.rsplit(".", 1)[-1]
+    fmt_name = next(k for k, v in FORMATS.items() if v == fmt)
+    dtype_name = str(dtype).removeprefix("torch.")
+    for pass_, fns in (("forward", {"torch": torch_fwd, "ours": ours_fwd}),
+                       ("forward+backward", {"torch": torch_fb, "ours": ours_fb})):
+        t = H.compare(fns, device, rounds, min_run_time)
+        gbps = _min_bytes(x.numel(), x.element_size(), pass_, activation) / t["ours"].median / 1e9
+        rows.append({
+            "op": "batch_norm",
+            "case": f"{H.shape_str(shape)} {fmt_name} {dtype_name} {activation or 'none'}",
+            "pass": pass_, "shape": H.shape_str(shape), "dtype": dtype_name,
+            "memory_format": fmt_name, "activation": activation or "none", "backend": backend,
+            "torch_ms": t["torch"].median * 1e3, "ours_ms": t["ours"].median * 1e3,
+            "ratio": t["torch"].median / t["ours"].median,
+            "torch_q20_ms": t["torch"].q20 * 1e3, "torch_q80_ms": t["torch"].q80 * 1e3,
+            "ours_q20_ms": t["ours"].q20 * 1e3, "ours_q80_ms": t["ours"].q80 * 1e3,
+            "ours_gbps": gbps, "ours_pct_peak": 100 * gbps / peak_gbps if peak_gbps else "",
+            "torch_faults": t["torch"].faults, "ours_faults": t["ours"].faults,
+            "max_abs_diff": diff, "allocation": ALLOCATION,
+        })
+    return rows
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  .venv/bin/python benchmarks/bench_batch_norm.py\n"
+               "  .venv/bin/python benchmarks/bench_batch_norm.py --quick --no-plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="two shapes, fewer and shorter rounds (about a minute)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda. Default: cpu")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV path. Default: docs/benchmarks/<device>_batch_norm.csv "
+                        "(--quick: .cache/benchmarks/..., so the docs keep the full run)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds. Default: 3")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds per blocked_autorange. Default: 0.25")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads. Default: torch's default")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda asked for but CUDA is not available", file=sys.stderr)
+        return 2
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rounds = args.rounds or (2 if args.quick else 3)
+    min_run_time = args.min_run_time or (0.1 if args.quick else 0.25)
+    dev_kind = device.split(":")[0]
+    out = args.out or (ROOT / (".cache/benchmarks" if args.quick else "docs/benchmarks")
+                       / f"{dev_kind}_batch_norm.csv")
+
+    peak = H.measure_peak_gbps(device)
+    env = H.environment(device, peak)
+    print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, "
+          f"batchnorm {env['batchnorm']}; copy bandwidth {peak:.1f} GB/s; "
+          f"allocation: {ALLOCATION}", flush=True)
+    rows = []
+    start = time.perf_counter()
+    cases = list(itertools.product(shapes, FORMATS.values(), DTYPES.values(), ACTIVATIONS))
+    for i, (shape, fmt, dtype, act) in enumerate(cases, 1):
+        new = bench_case(shape, dtype, fmt, act, device, rounds, min_run_time, peak)
+        for r in new:
+            r.update(env)
+            print(f"[{i:2d}/{len(cases)} {time.perf_counter() - start:5.0f}s] {r['case']:42s} "
+                  f"{r['pass']:16s} torch {r['torch_ms']:8.3f} ms  ours {r['ours_ms']:8.3f} ms"
+                  f"  ratio {r['ratio']:5.2f}", flush=True)
+        rows.extend(new)
+    path = H.write_csv(rows, out)
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    if not args.no_plot:
+        png = plot.plot_ratios(H.read_csv(path), path.with_suffix(".png"))
+        if png:
+            print(f"wrote {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
+    print()
+    print(plot.markdown_table(H.read_csv(path)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
