@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test lint bench clean data
+.PHONY: setup test lint bench clean data browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+# Headless Chromium for the browser test of report.html (Debian package chromium).
+browser:
+	sh scripts/install_chromium.sh
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup
