@@ -24,16 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
-from batchnorm.lab.results import ExperimentResult, Figure, Panel
+from .atomic import atomic_write_bytes
+from .results import ExperimentResult, Figure, Panel
 
 __all__ = ["PALETTE", "render_all", "render_figure"]
 
@@ -55,13 +55,17 @@ _MAX_MARKED_POINTS = 12  # sweeps (few points) get markers, curves (many) do not
 
 
 def _color_map(figure: Figure) -> dict[str, str]:
-    """Label -> color, in order of first appearance over the whole figure."""
+    """Color key (``group``, else label) -> color, in order of first appearance."""
     colors: dict[str, str] = {}
     for panel in figure.panels:
         for series in panel.series:
-            if series.label not in colors:
-                colors[series.label] = PALETTE[len(colors) % len(PALETTE)]
+            if _key(series) not in colors:
+                colors[_key(series)] = PALETTE[len(colors) % len(PALETTE)]
     return colors
+
+
+def _key(series) -> str:
+    return series.group or series.label
 
 
 def _floats(values) -> np.ndarray:
@@ -89,7 +93,7 @@ def _draw_lines(ax, panel: Panel, colors: dict[str, str]) -> None:
         if len(x) != len(y):
             raise ValueError(f"series {series.label!r} in panel {panel.title!r}: "
                              f"{len(x)} x values but {len(y)} y values")
-        color = colors[series.label]
+        color = colors[_key(series)]
         marker = "o" if 0 < len(x) <= _MAX_MARKED_POINTS else None
         ax.plot(x, y, color=color, linestyle="--" if series.dashed else "-", linewidth=1.8,
                 marker=marker, markersize=4, label=series.label)
@@ -118,7 +122,7 @@ def _draw_bars(ax, panel: Panel, colors: dict[str, str]) -> None:
         pos = np.array([where[str(name)] for name in series.x], dtype=np.float64) + offset
         heights = _floats(series.y)
         ok = np.isfinite(heights)  # a missing value is a missing bar, not a zero
-        bars = ax.bar(pos[ok], heights[ok], width=width * 0.92, color=colors[series.label],
+        bars = ax.bar(pos[ok], heights[ok], width=width * 0.92, color=colors[_key(series)],
                       label=series.label,
                       hatch="//" if series.dashed else None, edgecolor="white", linewidth=0.5)
         ax.bar_label(bars, labels=[_short(h) for h in heights[ok]], padding=2,
@@ -177,21 +181,6 @@ def _grid(n: int) -> tuple[int, int]:
     return 2, math.ceil(n / 2)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def render_figure(figure: Figure, path: Path, *, dpi: int = 110) -> Path:
     """Draw ``figure`` as a PNG at ``path``, written atomically.
 
@@ -222,8 +211,9 @@ def render_figure(figure: Figure, path: Path, *, dpi: int = 110) -> Path:
         fig.suptitle(figure.title, fontsize=13, fontweight="bold")
     path.parent.mkdir(parents=True, exist_ok=True)
     # No "Software" chunk: no version string, so a rerun on the same machine is byte-identical.
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
-                                              metadata={"Software": None}))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -23,13 +23,12 @@ import datetime
 import html
 import math
 import numbers
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 
-from batchnorm.lab.results import ExperimentResult
+from .atomic import atomic_write_text
+from .results import ExperimentResult
 
 __all__ = ["format_summary_table", "format_value", "write_report"]
 
@@ -290,15 +289,5 @@ def write_report(result: ExperimentResult, out_dir: Path, *, images: list[Path] 
     text = _render_html(result, images, env)
 
     path = out_dir / "report.html"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.html.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, text)
     return path
