@@ -217,3 +217,16 @@ def test_eval_mode_uses_running_stats_and_ignores_batch():
     x = make_input((8, 3, 4, 4), seed=42)
     single = m(x[:1])
     assert_close(single, m(x)[:1], 1e-6, 1e-6, name="one sample vs batch")
+
+
+@pytest.mark.parametrize("ours,theirs,shape", PAIRS)
+def test_empty_batch_matches_torch(ours, theirs, shape):
+    a, b = ours(3), theirs(3)
+    x = torch.randn(0, *shape[1:], requires_grad=True)
+    ya, yb = a(x), b(x)
+    assert ya.shape == yb.shape == x.shape
+    ya.sum().backward()
+    assert torch.equal(a.weight.grad, torch.zeros(3))
+    assert torch.equal(a.running_mean, b.running_mean)
+    assert torch.equal(a.running_var, b.running_var)
+    assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 1
