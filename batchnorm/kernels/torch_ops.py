@@ -17,6 +17,16 @@ Tensors are ``(N, C, *)`` with any strides (contiguous, channels_last, or a
 permuted view); per-channel values are ``(C,)`` in the compute dtype (float64
 for float64 input, float32 otherwise), except ``mean``, which may carry extra
 precision as float64 (see :func:`batch_stats`).
+
+**Memory traffic.** On the CPU a fresh large tensor (page faults) and a trip
+through main memory cost more than the arithmetic, so large inputs are walked
+in cache-sized blocks (:data:`BLOCK` elements, :func:`_blocks`): each block is
+read from memory once and every following step of the pass (centring,
+squaring, the sums, the affine map, the activation, float32 upcasts of
+bfloat16/float16) runs on data still in cache, in one scratch buffer the size
+of a block. The only full-size allocations are the ones the caller gets back
+(the output, ``grad_input``), as with PyTorch's own kernels. Off the CPU the
+whole tensor is one block.
 """
 
 from __future__ import annotations
@@ -29,6 +39,12 @@ import torch.nn.functional as F
 # Activations whose derivative can be read off the output; the rest keep the
 # pre-activation (an extra tensor) for the backward.
 _GRAD_FROM_OUTPUT = {None, "relu", "sigmoid", "tanh"}
+
+# Elements per cache block on the CPU: a block of float32 input plus its
+# float32 scratch (8 MiB) stays in a 32 MiB L3 while the few ops of a pass run
+# over it. Smaller blocks pay PyTorch's per-op overhead (and a thread-pool
+# fork/join per op) too often; larger ones spill to memory.
+BLOCK = 1 << 20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,14 +71,73 @@ def saves_output(activation: str | None, negative_slope: float) -> bool:
     return activation in _GRAD_FROM_OUTPUT or (activation == "leaky_relu" and negative_slope > 0)
 
 
-def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x``.
+def _blocks(x: torch.Tensor) -> list[tuple[slice, ...]]:
+    """Index tuples that tile ``x`` into blocks of at most about :data:`BLOCK` elements.
 
-    The corrected two-pass algorithm: a first sum gives a rough mean ``hi``,
-    then the centred pass gives both the variance and the mean's rounding
-    error ``lo``. Large offsets (mean 1e4, std 1e-2) keep full accuracy
-    where ``E[x^2] - E[x]^2`` would lose every digit, and torch's fast
-    cascade sums beat ``torch.var_mean`` several times over.
+    Whole samples (dim 0) when they fit, else one sample split along dim 2.
+    A single block (the whole tensor) off the CPU and for small inputs.
+    """
+    if x.device.type != "cpu" or x.numel() <= BLOCK:
+        return [(slice(None),)]
+    N = x.shape[0]
+    per_sample = x.numel() // N
+    if per_sample <= BLOCK or x.dim() < 3 or x.shape[2] < 2:
+        rows = max(1, BLOCK // per_sample)
+        return [(slice(i, min(i + rows, N)),) for i in range(0, N, rows)]
+    H = x.shape[2]
+    step = max(1, BLOCK // (per_sample // H))
+    return [(slice(n, n + 1), slice(None), slice(h, min(h + step, H)))
+            for n in range(N) for h in range(0, H, step)]
+
+
+def _scratch(x: torch.Tensor, blocks, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer shaped and laid out like the first (largest) block of ``x``."""
+    return torch.empty_like(x[blocks[0]], dtype=dtype)
+
+
+def _fit(buf: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``buf`` cut down to a (last, smaller) block's shape."""
+    return buf if buf.shape == shape else buf[tuple(slice(0, n) for n in shape)]
+
+
+def _centre(xb: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``xb - hi`` into ``out``; a low-precision block is upcast by a plain copy first
+    (faster than a mixed-dtype ``sub``)."""
+    if xb.dtype == out.dtype:
+        return torch.sub(xb, hi, out=out)
+    return out.copy_(xb).sub_(hi)
+
+
+def _scale_shift_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None):
+    """``z * scale + shift`` in place; ``scale`` and ``shift`` broadcast per channel.
+
+    One fused ``addcmul`` when channels are the innermost axis (channels_last,
+    ``(N, C)``); two ops otherwise, because PyTorch's CPU kernels vectorize an
+    elementwise op with one broadcast operand but not with two (NCHW
+    ``addcmul`` runs ~4x slower than ``mul_`` plus ``add_``).
+    """
+    if shift is None:
+        return z.mul_(scale)
+    if z.dim() > 2 and z.stride(1) != 1:
+        return z.mul_(scale).add_(shift)
+    return torch.addcmul(shift, z, scale, out=z)
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x``, reading ``x`` from memory once.
+
+    The corrected two-pass algorithm: a shift ``hi`` near the mean, then the
+    centred sums ``lo = mean(x - hi)`` and ``mean((x - hi)^2)``, so
+    ``var = mean((x - hi)^2) - lo^2`` and ``mean = hi + lo``. The subtraction
+    loses nothing while ``lo^2`` is small next to ``var``: large offsets
+    (mean 1e4, std 1e-2) keep full accuracy where ``E[x^2] - E[x]^2`` would
+    lose every digit, and torch's fast cascade sums beat ``torch.var_mean``
+    several times over.
+
+    Block by block, ``hi`` is the mean of the first block; every block is
+    centred and summed while it is in cache. If ``lo^2 > var`` in some channel
+    (the first block was not representative) the sums are taken again around
+    the mean just found, so the accuracy never depends on the data's order.
 
     Returns:
         ``(mean, var)``: ``var`` in the compute dtype; ``mean`` as float64
@@ -72,20 +147,57 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         on tiny, nearly constant batches).
     """
     dims = reduce_dims(x)
-    m = x.numel() // x.shape[1]
-    xf = _upcast(x)
-    hi = xf.sum(dims).div_(m)
-    xc = xf - channel_view(hi, x.dim())
-    lo = xc.sum(dims).div_(m)
-    var = xc.square_().sum(dims).div_(m).sub_(lo * lo).clamp_(min=0)
-    mean = hi.double() + lo.double()
-    return mean, var
+    C = x.shape[1]
+    m = x.numel() // C
+    cdtype = compute_dtype(x.dtype)
+    nd = x.dim()
+    blocks = _blocks(x)
+    if len(blocks) == 1:
+        if x.dtype == cdtype:
+            hi = x.mean(dims)
+            xc = x - channel_view(hi, nd)
+        else:  # low precision: centre the float32 copy in place
+            xc = x.to(cdtype)
+            hi = xc.mean(dims)
+            xc.sub_(channel_view(hi, nd))
+        lo = xc.mean(dims)
+        var = torch.addcmul(xc.square_().mean(dims), lo, lo, value=-1).clamp_(min=0)
+        return hi.double().add_(lo), var
+    buf = _scratch(x, blocks, cdtype)
+    hi = None
+    for _ in range(2):
+        los = torch.empty(len(blocks), C, dtype=cdtype, device=x.device)
+        sqs = torch.empty_like(los)
+        for k, idx in enumerate(blocks):
+            xb = x[idx]
+            xc = _fit(buf, xb.shape)
+            if xb.dtype != cdtype:
+                xb = xc.copy_(xb)
+            if hi is None:
+                hi = channel_view(xb.mean(dims), nd)
+            torch.sub(xb, hi, out=xc)
+            torch.sum(xc, dims, out=los[k])
+            torch.sum(xc.square_(), dims, out=sqs[k])
+        lo = los.sum(0).div_(m)
+        ex2 = sqs.sum(0).div_(m)
+        lo2 = lo * lo
+        # One host sync per call, on the CPU only (blocks exist only there).
+        if not bool((lo2 > 0.5 * ex2).any()):
+            break
+        hi = (hi.double() + channel_view(lo, nd).double()).to(cdtype)
+    var = ex2.sub_(lo2).clamp_(min=0)
+    return hi.flatten().double() + lo.double(), var
 
 
-def split_mean(mean: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean`` as ``hi + lo`` in ``dtype``: centre with ``hi``, correct with ``lo``."""
+def split_mean(mean: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``mean`` as ``hi + lo`` in ``dtype``: centre with ``hi``, correct with ``lo``.
+
+    ``lo`` is ``None`` when ``mean`` is already in ``dtype`` (nothing to correct).
+    """
+    if mean.dtype == dtype:
+        return mean, None
     hi = mean.to(dtype)
-    return hi, (mean - hi.to(mean.dtype)).to(dtype)
+    return hi, (mean - hi).to(dtype)
 
 
 def _activate_(z: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
@@ -107,6 +219,21 @@ def _activate_(z: torch.Tensor, activation: str | None, negative_slope: float) -
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def _affine(mean, invstd, weight, bias, nd):
+    """Per-channel ``hi``, ``scale``, ``shift`` (views for broadcasting) such that
+    ``weight * (x - mean) * invstd + bias == (x - hi) * scale + shift``."""
+    cdtype = invstd.dtype
+    scale = invstd if weight is None else invstd * weight.to(cdtype)
+    hi, lo = split_mean(mean, cdtype)
+    b = None if bias is None else bias.to(cdtype)
+    if lo is None:
+        shift = b
+    else:
+        shift = -lo * scale if b is None else torch.addcmul(b, lo, scale, value=-1)
+    return (channel_view(hi, nd), channel_view(scale, nd),
+            None if shift is None else channel_view(shift, nd))
+
+
 def normalize(x, mean, invstd, weight, bias, residual=None, activation=None,
               negative_slope=0.01):
     """``act(weight * (x - mean) * invstd + bias + residual)`` in one output buffer.
@@ -114,57 +241,86 @@ def normalize(x, mean, invstd, weight, bias, residual=None, activation=None,
     Centres first and then scales, ``(x - mean) * scale + bias``: folding the
     mean into a shift (``x * scale + shift``) saves a pass but cancels
     catastrophically when ``invstd`` is large (a tiny batch variance) or the
-    data sit far from zero, and loses ~10x PyTorch's accuracy there.
+    data sit far from zero, and loses ~10x PyTorch's accuracy there. Block by
+    block, so centring, scaling, the residual and the activation read ``x``
+    from memory once and write the output once.
 
     Returns:
         ``(out, act_saved)``: the output (dtype and memory format of ``x``), and
         what the activation's backward needs (``out`` itself, the
         pre-activation, or ``None`` without an activation).
     """
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    hi, lo = split_mean(mean, invstd.dtype)
-    shift = -lo * scale if bias is None else bias.to(invstd.dtype) - lo * scale
-    nd = x.dim()
-    # Elementwise ops keep the strides of x (contiguous, channels_last, permuted).
-    z = torch.sub(x, channel_view(hi, nd))
-    torch.addcmul(channel_view(shift, nd), z, channel_view(scale, nd), out=z)
-    if residual is not None:
-        z.add_(residual)
-    if activation is None:
-        out = z
-    elif saves_output(activation, negative_slope):
-        out = _activate_(z, activation, negative_slope)
-    else:
-        out = _activate_(z.clone() if activation == "silu" else z, activation, negative_slope)
-    if out.dtype != x.dtype:
-        out = out.to(x.dtype)
-    if activation is None:
-        return out, None
-    return out, (out if saves_output(activation, negative_slope) else z)
+    cdtype = invstd.dtype
+    hi, scale, shift = _affine(mean, invstd, weight, bias, x.dim())
+    if not saves_output(activation, negative_slope):
+        # silu / gelu (and leaky_relu with slope <= 0) keep the pre-activation
+        # for the backward: a full-size tensor in the compute dtype anyway.
+        z = _scale_shift_(torch.sub(x, hi), scale, shift)
+        if residual is not None:
+            z.add_(residual)
+        # In-place activations must not overwrite the saved pre-activation.
+        inplace = activation in ("silu", "leaky_relu")
+        out = _activate_(z.clone() if inplace else z, activation, negative_slope)
+        return out.to(x.dtype), z
+    # Elementwise ops into ``out`` keep the strides of x (contiguous,
+    # channels_last, permuted).
+    out = torch.empty_like(x)
+    blocks = _blocks(x)
+    # Low precision computes in a float32 block and rounds once, on the copy out.
+    buf = _scratch(x, blocks, cdtype) if x.dtype != cdtype else None
+    for idx in blocks:
+        xb, ob = x[idx], out[idx]
+        zb = ob if buf is None else _fit(buf, xb.shape)
+        _scale_shift_(_centre(xb, hi, zb), scale, shift)
+        if residual is not None:
+            zb.add_(residual[idx])
+        _activate_(zb, activation, negative_slope)
+        if zb is not ob:
+            ob.copy_(zb)
+    return out, (None if activation is None else out)
 
 
-def _activation_grad(grad_out, act_saved, activation, negative_slope):
-    """``grad_out * act'(z)`` from the saved output or pre-activation."""
+def _activation_grad(grad_out, act_saved, activation, negative_slope, out=None):
+    """``grad_out * act'(z)`` from the saved output or pre-activation.
+
+    ReLU and leaky ReLU use PyTorch's own elementwise backward kernels (one
+    pass, written into ``out`` when given); a mask built with comparisons
+    (``masked_fill``, ``where``) is ~10x slower on the CPU.
+    """
+    if out is not None and out.dtype != grad_out.dtype:
+        # Upcast first: PyTorch's kernels are slow to write float32 from
+        # bfloat16 operands in some layouts (channels_last: ~20x).
+        grad_out = out.copy_(grad_out)
     if activation is None:
-        return grad_out
+        return grad_out if out is None or grad_out is out else out.copy_(grad_out)
     a = act_saved
     if activation == "relu":
-        return grad_out.masked_fill(a <= 0, 0)
+        if out is None:
+            return torch.ops.aten.threshold_backward(grad_out, a, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad_out, a, 0, grad_input=out)
+    if activation == "leaky_relu" and negative_slope > 0:
+        if out is None:
+            return torch.ops.aten.leaky_relu_backward(grad_out, a, negative_slope, True)
+        return torch.ops.aten.leaky_relu_backward.grad_input(grad_out, a, negative_slope, True,
+                                                             grad_input=out)
     if activation == "leaky_relu":
-        return torch.where(a > 0, grad_out, grad_out * negative_slope)
+        g = torch.where(a > 0, grad_out, grad_out * negative_slope)
+        return g if out is None else out.copy_(g)
     a = _upcast(a)
     if activation == "sigmoid":
-        return grad_out * a * (1 - a)
-    if activation == "tanh":
-        return grad_out * (1 - a * a)
-    if activation == "silu":
+        g = grad_out * a * (1 - a)
+    elif activation == "tanh":
+        g = grad_out * (1 - a * a)
+    elif activation == "silu":
         s = torch.sigmoid(a)
-        return grad_out * s * (1 + a * (1 - s))
-    if activation == "gelu":
+        g = grad_out * s * (1 + a * (1 - s))
+    elif activation == "gelu":
         cdf = 0.5 * (1 + torch.erf(a * (1 / math.sqrt(2))))
         pdf = torch.exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
-        return grad_out * (cdf + a * pdf)
-    raise ValueError(f"unknown activation {activation!r}")
+        g = grad_out * (cdf + a * pdf)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return g if out is None else out.copy_(g)
 
 
 def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
@@ -178,7 +334,10 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
         grad_weight = invstd * sum(g * xc)
         grad_input  = weight * invstd * (g - sum(g) / M - xc * invstd^2 * sum(g * xc) / M)
 
-    (in eval mode only the first term: the statistics are constants).
+    (in eval mode only the first term: the statistics are constants). Two
+    passes block by block, the sums and then ``grad_input``; ``g`` and ``xc``
+    exist only block-sized, in cache, and ``sum(g * xc)`` is taken on the
+    centred ``xc``, never as ``sum(g * x) - mean * sum(g)``.
 
     Returns:
         ``(grad_input, grad_weight, grad_bias, grad_residual)``, ``None`` where
@@ -187,32 +346,80 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
     need_x, need_w, need_b, need_r = needs_input_grad
     dims = reduce_dims(x)
     nd = x.dim()
-    g = _activation_grad(grad_out, act_saved, activation, negative_slope)
-    grad_residual = g if need_r else None
-    gc = _upcast(g)
-    hi, lo = split_mean(mean, invstd.dtype)
-    xc = _upcast(x) - channel_view(hi, nd)  # x - mean == xc - lo
-    sum_g = gc.sum(dims)
-    sum_gxc = None
-    if need_w or (need_x and training):
-        sum_gxc = (gc * xc).sum(dims) - lo * sum_g
+    C = x.shape[1]
+    cdtype = invstd.dtype
+    hi, lo = split_mean(mean, cdtype)
+    hi_v = channel_view(hi, nd)
+    low = x.dtype != cdtype
+    # The residual's gradient is g itself, and the smooth activations need
+    # full-size temporaries anyway: then g is materialised once.
+    g_full = None
+    if need_r or activation not in (None, "relu", "leaky_relu") or (
+            activation == "leaky_relu" and negative_slope <= 0):
+        g_full = _activation_grad(grad_out, act_saved, activation, negative_slope)
+    blocks = _blocks(x)
+    gbuf = None
+    if low or (g_full is None and activation is not None):
+        gbuf = _scratch(x, blocks, cdtype)
+
+    def g_block(idx):
+        """``g`` over one block, in the compute dtype."""
+        if g_full is not None:
+            gb = g_full[idx]
+            return _fit(gbuf, gb.shape).copy_(gb) if low else gb
+        gb = grad_out[idx]
+        if gbuf is None:
+            return gb
+        a = None if act_saved is None else act_saved[idx]
+        return _activation_grad(gb, a, activation, negative_slope, out=_fit(gbuf, gb.shape))
+
+    need_gxc = need_w or (need_x and training)
+    sum_g = sum_gxc = None
+    if need_b or need_gxc:
+        xbuf = _scratch(x, blocks, cdtype) if need_gxc and len(blocks) > 1 else None
+        sg, sgx = [], []
+        for idx in blocks:
+            gb = g_block(idx)
+            sg.append(gb.sum(dims))
+            if need_gxc:
+                xb = x[idx]
+                xc = torch.sub(xb, hi_v) if xbuf is None else _centre(
+                    xb, hi_v, _fit(xbuf, xb.shape))
+                sgx.append(xc.mul_(gb).sum(dims))
+        sum_g = sg[0] if len(sg) == 1 else torch.stack(sg).sum(0)
+        if need_gxc:
+            sum_gxc = sgx[0] if len(sgx) == 1 else torch.stack(sgx).sum(0)
+            if lo is not None:  # x - mean == (x - hi) - lo
+                sum_gxc = torch.addcmul(sum_gxc, lo, sum_g, value=-1)
     grad_weight = sum_gxc * invstd if need_w else None
     grad_bias = sum_g if need_b else None
     grad_input = None
     if need_x:
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        scale = invstd if weight is None else invstd * weight.to(cdtype)
+        scale_v = channel_view(scale, nd)
         if training:
-            m = x.numel() // x.shape[1]
-            k = -scale * invstd * invstd * sum_gxc / m
-            c = -scale * sum_g / m - k * lo
-            # xc becomes grad_input: k * xc + c + scale * g, in place.
-            grad_input = xc.mul_(channel_view(k, nd)).add_(channel_view(c, nd))
-            grad_input.addcmul_(gc, channel_view(scale, nd))
-        else:
-            grad_input = gc * channel_view(scale, nd)
-        grad_input = grad_input.to(x.dtype)
+            neg_inv_m = -1 / max(x.numel() // C, 1)  # an empty batch has nothing to scale
+            k = scale * invstd * invstd * sum_gxc * neg_inv_m
+            c = scale * sum_g * neg_inv_m
+            if lo is not None:
+                c = torch.addcmul(c, k, lo, value=-1)
+            k_v, c_v = channel_view(k, nd), channel_view(c, nd)
+        grad_input = torch.empty_like(x)
+        tbuf = _scratch(x, blocks, cdtype) if low else None
+        for idx in blocks:
+            gb = g_block(idx)
+            ob = grad_input[idx]
+            t = ob if tbuf is None else _fit(tbuf, ob.shape)
+            if training:
+                # k * (x - hi) + c + scale * g
+                _scale_shift_(_centre(x[idx], hi_v, t), k_v, c_v).addcmul_(gb, scale_v)
+            else:
+                torch.mul(gb, scale_v, out=t)
+            if t is not ob:
+                ob.copy_(t)
     if grad_weight is not None and weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
+    grad_residual = g_full if need_r else None
     return grad_input, grad_weight, grad_bias, grad_residual
 
 
@@ -222,6 +429,6 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     ``running_var`` takes the unbiased variance ``var * count / (count - 1)``.
     """
     with torch.no_grad():
-        unbiased = var * (count / (count - 1))
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype),
+                                            alpha=momentum * count / (count - 1))
