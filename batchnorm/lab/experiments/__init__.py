@@ -11,6 +11,13 @@ well under 90 s on 2 cores); ``--quick`` shrinks everything for tests.
 """
 
 from . import distributions, inference, training  # noqa: F401  (they register themselves)
-from ._common import EXPERIMENTS, Experiment
+from ._common import REGISTRY, Experiment
 
-__all__ = ["EXPERIMENTS", "Experiment"]
+# The order of `batchnorm lab list`, the help and the README: the demo first,
+# then the course's claims in the order it teaches them.
+ORDER = ("compare", "placement", "batch-size", "lr", "init", "modes", "regularization",
+         "distributions", "paper-mnist")
+assert set(ORDER) == set(REGISTRY), "every registered experiment needs a place in ORDER"
+EXPERIMENTS: dict[str, Experiment] = {name: REGISTRY[name] for name in ORDER}
+
+__all__ = ["EXPERIMENTS", "ORDER", "Experiment"]

@@ -9,7 +9,7 @@ from ..results import ExperimentResult, Figure, Panel, Series
 from ..runner import Lab
 from ..train import RunResult
 
-__all__ = ["CNN", "EXPERIMENTS", "QUICK", "Experiment", "curve_figure", "defaults_for",
+__all__ = ["CNN", "QUICK", "REGISTRY", "Experiment", "curve_figure", "defaults_for",
            "experiment", "run_row", "target_accuracy"]
 
 
@@ -21,14 +21,14 @@ class Experiment:
     dataset: str = "mnist5k"
 
 
-EXPERIMENTS: dict[str, Experiment] = {}
+REGISTRY: dict[str, Experiment] = {}
 
 
 def experiment(name: str, description: str, dataset: str = "mnist5k"):
     """Register ``fn(lab) -> ExperimentResult`` as ``batchnorm lab <name>``."""
 
     def register(fn):
-        EXPERIMENTS[name] = Experiment(name, fn, description, dataset)
+        REGISTRY[name] = Experiment(name, fn, description, dataset)
         return fn
     return register
 
