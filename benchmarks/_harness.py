@@ -23,6 +23,7 @@ import resource
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ FIELDS = [
     "op", "case", "pass", "shape", "dtype", "memory_format", "activation", "backend",
     "torch_ms", "ours_ms", "ratio", "torch_q20_ms", "torch_q80_ms", "ours_q20_ms",
     "ours_q80_ms", "ours_gbps", "ours_pct_peak", "torch_faults", "ours_faults",
-    "max_abs_diff", "allocation",
+    "ours_max_rel_err", "torch_max_rel_err", "allocation", "others_cpu",
     "device", "device_name", "threads", "peak_gbps", "torch", "triton", "batchnorm", "python",
     "loadavg", "command", "date",
 ]
@@ -50,6 +51,51 @@ class Timing:
     q20: float
     q80: float
     faults: float = float("nan")  # minor page faults per call (CPU only)
+    others_cpu: float = float("nan")  # busiest share of the CPUs other processes took
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks of this process) from ``/proc``."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        # user, nice, system, irq, softirq, steal: niced processes count too
+        # (with the kernel's autogroup, nice only ranks tasks within a session).
+        total_busy = sum(int(v) for i, v in enumerate(fields) if i in (0, 1, 2, 5, 6, 7))
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return total_busy, int(own[11]) + int(own[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def others_cpu(interval: float = 0.3) -> float:
+    """Share of all CPUs (0..1) that *other* processes used over ``interval`` seconds.
+
+    On a shared machine a second process on one of two cores stalls every
+    parallel region of ours and torch's alike (a thread waits for the
+    preempted one), so rounds are only timed when this is low. ``nan`` where
+    ``/proc`` is missing.
+    """
+    a = _cpu_ticks()
+    time.sleep(interval)
+    b = _cpu_ticks()
+    if a is None or b is None:
+        return float("nan")
+    hz = os.sysconf("SC_CLK_TCK")
+    others = (b[0] - a[0]) - (b[1] - a[1])
+    return max(0.0, others / hz / interval / (os.cpu_count() or 1))
+
+
+def wait_until_quiet(threshold: float = 0.1, timeout: float = 120.0) -> float:
+    """Sleep until other processes use less than ``threshold`` of the CPUs.
+
+    Returns the last share measured (above ``threshold`` if ``timeout`` ran out).
+    """
+    deadline = time.monotonic() + timeout
+    load = others_cpu()
+    while load > threshold and time.monotonic() < deadline:
+        time.sleep(1.0)
+        load = others_cpu()
+    return load
 
 
 def cpu_name() -> str:
@@ -151,19 +197,23 @@ def time_gpu(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
 
 
 def compare(fns: dict[str, Callable[[], object]], device: str = "cpu", rounds: int = 3,
-            min_run_time: float = 0.2) -> dict[str, Timing]:
+            min_run_time: float = 0.2, quiet: float | None = 0.1) -> dict[str, Timing]:
     """Time each function, interleaved: round 1 of every side, then round 2...
 
     On CPU each round is one ``blocked_autorange`` median; the result is the
-    median over rounds with the 20/80 % quantiles of the rounds (with three
-    rounds, roughly the fastest and the slowest round).
+    median over rounds with the 20/80 % quantiles of the rounds. With
+    ``quiet``, each round waits until other processes use less than that share
+    of the CPUs (:func:`wait_until_quiet`); the busiest share seen is recorded.
     """
     if device.startswith("cuda"):
         return {name: time_gpu(fn) for name, fn in fns.items()}
     for fn in fns.values():  # warm-up: first-call costs, allocator state
         fn()
     per_round: dict[str, list[float]] = {name: [] for name in fns}
+    busiest = 0.0
     for _ in range(rounds):
+        if quiet is not None:
+            busiest = max(busiest, wait_until_quiet(quiet))
         for name, fn in fns.items():
             per_round[name].append(time_cpu(fn, min_run_time))
     out = {}
@@ -171,7 +221,7 @@ def compare(fns: dict[str, Callable[[], object]], device: str = "cpu", rounds: i
         times = sorted(per_round[name])
         q20 = times[round(0.2 * (len(times) - 1))]
         q80 = times[round(0.8 * (len(times) - 1))]
-        out[name] = Timing(statistics.median(times), q20, q80, faults_per_call(fn))
+        out[name] = Timing(statistics.median(times), q20, q80, faults_per_call(fn), busiest)
     return out
 
 
