@@ -154,6 +154,8 @@ def _draw_panel(ax, panel: Panel, colors: dict[str, str]) -> None:
         _draw_bars(ax, panel, colors)
     if panel.ylim is not None:
         low, high = panel.ylim
+        if panel.kind == "bars":  # keep the headroom made for the value labels
+            high = max(high, ax.get_ylim()[1])
         ax.set_ylim(low, high)
     ax.set_title(panel.title, fontsize=11, fontweight="bold")
     ax.set_xlabel(panel.xlabel)
@@ -162,7 +164,9 @@ def _draw_panel(ax, panel: Panel, colors: dict[str, str]) -> None:
     if not panel.series:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
                 color="0.5")
-    elif any(s.label for s in panel.series):
+    elif any(s.label for s in panel.series) and not (panel.kind == "bars"
+                                                     and len(panel.series) == 1):
+        # (One series of bars needs no legend: the title names it.)
         many = len(panel.series) > 5
         if panel.kind == "bars":
             # One row across the top, in the headroom left above the bars.

@@ -80,7 +80,7 @@ def modes(lab: Lab) -> ExperimentResult:
                  "statistics), in train mode by mistake (batch statistics of 500 or 8 images), "
                  "one image at a time, and on shifted data before and after recomputing the "
                  "running statistics.",
-                 [Panel("Validation accuracy", "", "accuracy",
+                 [Panel("Validation accuracy of the BN network", "", "accuracy",
                         [Series("BN network", [m[0] for m in measured],
                                 [m[1] for m in measured])], kind="bars", ylim=(0, 1))])
     return ExperimentResult(
@@ -102,7 +102,7 @@ def regularization(lab: Lab) -> ExperimentResult:
         train_acc = r.final.get("train_eval_acc", 0.0)
         val_acc = r.final.get("val_acc", 0.0)
         rows.append({"run": label, "train acc": train_acc, "val acc": val_acc,
-                     "gap (train - val)": train_acc - val_acc,
+                     "acc gap (train - val)": train_acc - val_acc,
                      "final val loss": r.final.get("val_loss")})
     acc_series = []
     for label, r in runs.items():
