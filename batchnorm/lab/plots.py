@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import NullLocator
 
 from .atomic import atomic_write_bytes
 from .results import ExperimentResult, Figure, Panel
@@ -103,6 +104,13 @@ def _draw_lines(ax, panel: Panel, colors: dict[str, str]) -> None:
                 raise ValueError(f"series {series.label!r} in panel {panel.title!r}: band "
                                  f"lo/hi need {len(x)} values, got {len(lo)} and {len(hi)}")
             ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
+    if panel.logx:
+        # A sweep (batch sizes, learning rates): label the values that were run,
+        # not powers of ten.
+        values = sorted({float(v) for s in panel.series for v in s.x if v is not None})
+        if 0 < len(values) <= _MAX_MARKED_POINTS:
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _draw_bars(ax, panel: Panel, colors: dict[str, str]) -> None:
