@@ -10,12 +10,15 @@ batch-norm op.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from .._backend import BACKENDS
 from ..functional import ACTIVATIONS, batch_norm
+from .ghost import check_virtual_batch_size, ghost_batch_norm
 
 __all__ = [
     "BatchNorm",
@@ -71,6 +74,11 @@ _TEMPLATE = r"""Batch Normalization over a {input_desc} (Ioffe & Szegedy, 2015).
             Default: ``"auto"``.
         check_finite: raise instead of letting NaN/Inf from the input reach
             the running statistics. Default: ``False`` (as PyTorch).
+        virtual_batch_size: in training, normalize each consecutive slice of
+            this many samples with its own statistics (ghost batches, see
+            :mod:`batchnorm.nn.ghost`); the running statistics are still
+            updated once per batch. ``None``: the whole batch.
+            Default: ``None``.
 
     Shape:
         - Input: {shape}
@@ -104,8 +112,10 @@ class _OursMixin:
     negative_slope = 0.01
     backend = "auto"
     check_finite = False
+    virtual_batch_size = None
 
-    def _init_ours(self, bias, activation, negative_slope, backend, check_finite):
+    def _init_ours(self, bias, activation, negative_slope, backend, check_finite,
+                   virtual_batch_size=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of "
                              + ", ".join(repr(a) for a in ACTIVATIONS))
@@ -119,6 +129,8 @@ class _OursMixin:
         self.negative_slope = float(negative_slope)
         self.backend = backend
         self.check_finite = bool(check_finite)
+        check_virtual_batch_size(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
@@ -133,7 +145,7 @@ class _OursMixin:
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
-        out = batch_norm(
+        out = self._functional()(
             input,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
@@ -144,8 +156,16 @@ class _OursMixin:
             self.num_batches_tracked.add_(1)
         return out
 
+    def _functional(self):
+        """The op ``forward`` calls, with ``batch_norm``'s signature."""
+        if self.training and self.virtual_batch_size is not None:
+            return partial(ghost_batch_norm, virtual_batch_size=self.virtual_batch_size)
+        return batch_norm
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
         if self.activation is not None:
             text += f", activation={self.activation!r}"
             if self.activation == "leaky_relu":
@@ -156,11 +176,11 @@ class _OursMixin:
 
 
 def _init(self, parent, num_features, eps, momentum, affine, track_running_stats, device,
-          dtype, bias, activation, negative_slope, backend, check_finite):
+          dtype, bias, activation, negative_slope, backend, check_finite, virtual_batch_size=None):
     args = () if num_features is None else (num_features,)
     parent.__init__(self, *args, eps=eps, momentum=momentum, affine=affine,
                     track_running_stats=track_running_stats, device=device, dtype=dtype)
-    self._init_ours(bias, activation, negative_slope, backend, check_finite)
+    self._init_ours(bias, activation, negative_slope, backend, check_finite, virtual_batch_size)
 
 
 class BatchNorm1d(_OursMixin, nn.BatchNorm1d):
@@ -169,9 +189,11 @@ class BatchNorm1d(_OursMixin, nn.BatchNorm1d):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True,
-                 activation=None, negative_slope=0.01, backend="auto", check_finite=False):
+                 activation=None, negative_slope=0.01, backend="auto", check_finite=False,
+                 virtual_batch_size=None):
         _init(self, nn.BatchNorm1d, num_features, eps, momentum, affine, track_running_stats,
-              device, dtype, bias, activation, negative_slope, backend, check_finite)
+              device, dtype, bias, activation, negative_slope, backend, check_finite,
+              virtual_batch_size)
 
 
 class BatchNorm2d(_OursMixin, nn.BatchNorm2d):
@@ -180,9 +202,11 @@ class BatchNorm2d(_OursMixin, nn.BatchNorm2d):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True,
-                 activation=None, negative_slope=0.01, backend="auto", check_finite=False):
+                 activation=None, negative_slope=0.01, backend="auto", check_finite=False,
+                 virtual_batch_size=None):
         _init(self, nn.BatchNorm2d, num_features, eps, momentum, affine, track_running_stats,
-              device, dtype, bias, activation, negative_slope, backend, check_finite)
+              device, dtype, bias, activation, negative_slope, backend, check_finite,
+              virtual_batch_size)
 
 
 class BatchNorm3d(_OursMixin, nn.BatchNorm3d):
@@ -191,9 +215,11 @@ class BatchNorm3d(_OursMixin, nn.BatchNorm3d):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True,
-                 activation=None, negative_slope=0.01, backend="auto", check_finite=False):
+                 activation=None, negative_slope=0.01, backend="auto", check_finite=False,
+                 virtual_batch_size=None):
         _init(self, nn.BatchNorm3d, num_features, eps, momentum, affine, track_running_stats,
-              device, dtype, bias, activation, negative_slope, backend, check_finite)
+              device, dtype, bias, activation, negative_slope, backend, check_finite,
+              virtual_batch_size)
 
 
 class _LazyOurs(_OursMixin):
@@ -201,11 +227,11 @@ class _LazyOurs(_OursMixin):
 
     def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True, activation=None, negative_slope=0.01,
-                 backend="auto", check_finite=False):
+                 backend="auto", check_finite=False, virtual_batch_size=None):
         parent = next(c for c in type(self).__mro__ if issubclass(c, _LazyNormBase)
                       and c.__module__.startswith("torch."))
         _init(self, parent, None, eps, momentum, affine, track_running_stats, device, dtype,
-              True, activation, negative_slope, backend, check_finite)
+              True, activation, negative_slope, backend, check_finite, virtual_batch_size)
         if not bias:
             self.register_parameter("bias", None)
 
@@ -240,10 +266,11 @@ class BatchNorm(_LazyOurs, _LazyNormBase, _BatchNorm):
 
     def __init__(self, num_features=None, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True,
-                 activation=None, negative_slope=0.01, backend="auto", check_finite=False):
+                 activation=None, negative_slope=0.01, backend="auto", check_finite=False,
+                 virtual_batch_size=None):
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          activation=activation, negative_slope=negative_slope, backend=backend,
-                         check_finite=check_finite)
+                         check_finite=check_finite, virtual_batch_size=virtual_batch_size)
         if num_features is not None:
             materialize(self, num_features)
 
