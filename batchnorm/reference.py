@@ -33,6 +33,20 @@ average: the factor is ``1 / num_batches_tracked`` after the increment.
 
 The paper's ``gamma`` is PyTorch's ``weight`` and ``beta`` is ``bias``.
 
+**Batch Renormalization** (Ioffe, 2017, Algorithm 1) corrects the training
+output towards the population statistics ``mu`` and ``sigma`` (the running
+mean and ``sqrt(running_var + eps)``) with per-channel ``r`` and ``d``, held
+constant in the backward (stop-gradient)::
+
+    sigma_B = sqrt(sigma2_B + eps)
+    r       = clip(sigma_B / sigma, 1/rmax, rmax)
+    d       = clip((mu_B - mu) / sigma, -dmax, dmax)
+    xhat_i  = (x_i - mu_B) / sigma_B * r + d
+    y_i     = gamma * xhat_i + beta
+
+With ``r = 1`` and ``d = 0`` (``rmax = 1``, ``dmax = 0``) it is Algorithm 1
+above; inference is Algorithm 2 unchanged. See :func:`renorm_forward_train`.
+
 Inputs are ``(N, C, *)``: channel axis 1, every other axis is part of the
 mini-batch, so ``m = N * prod(spatial)``. Internally each array is viewed as
 ``(N, C, L)``. Besides the paper, this module defines the epilogue the library
@@ -223,3 +237,76 @@ def backward(dout, cache):
               + dmu[None, :, None] / m)                                  # (N, C, L)
     shape = cache["shape"]
     return dx.reshape(shape), dgamma, dbeta, dy.reshape(shape)
+
+
+def renorm_forward_train(x, gamma, beta, running_mean, running_var, rmax, dmax, eps=1e-5):
+    """Batch Renormalization in training (Ioffe, 2017, Algorithm 1).
+
+    The running statistics are the population estimates *before* this batch
+    updates them: ``mu = running_mean``, ``sigma = sqrt(running_var + eps)``.
+    The paper keeps a moving average of ``sigma_B`` itself; this library keeps
+    PyTorch's ``running_var`` (unbiased batch variances, updated by
+    :func:`update_running_stats`), so inference stays Algorithm 2.
+
+    Args:
+        x: input ``(N, C, *)``.
+        gamma, beta: ``(C,)`` scale and shift, or ``None`` for 1 and 0.
+        running_mean, running_var: ``(C,)`` population estimates.
+        rmax: ``r`` is clipped to ``[1/rmax, rmax]`` (``rmax >= 1``).
+        dmax: ``d`` is clipped to ``[-dmax, dmax]`` (``dmax >= 0``).
+        eps: added to both variances.
+
+    Returns:
+        ``(out, cache)``: ``cache`` holds ``r`` and ``d`` and, like
+        :func:`forward_train`'s, the batch ``mean``, biased ``var`` and ``m``.
+    """
+    if not rmax >= 1.0 or not dmax >= 0.0:
+        raise ValueError(f"need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+    shape = np.shape(x)
+    x = _as_ncl(x)                                              # (N, C, L)
+    N, C, L = x.shape
+    m = N * L
+    gamma = _per_channel(gamma, C, 1.0)                         # (C,)
+    beta = _per_channel(beta, C, 0.0)                           # (C,)
+    mu = _per_channel(running_mean, C, 0.0)                     # (C,) population mean
+    sigma = np.sqrt(_per_channel(running_var, C, 1.0) + eps)    # (C,) population std
+    mu_B = x.mean(axis=(0, 2))                                  # (C,)
+    xc = x - mu_B[None, :, None]                                # (N, C, L)
+    var = (xc * xc).mean(axis=(0, 2))                           # (C,) biased
+    sigma_B = np.sqrt(var + eps)                                # (C,)
+    r = np.clip(sigma_B / sigma, 1.0 / rmax, rmax)              # (C,) a constant for backward
+    d = np.clip((mu_B - mu) / sigma, -dmax, dmax)               # (C,) a constant for backward
+    xhat = xc / sigma_B[None, :, None] * r[None, :, None] + d[None, :, None]  # (N, C, L)
+    y = gamma[None, :, None] * xhat + beta[None, :, None]       # (N, C, L)
+    cache = dict(x=x, xc=xc, xhat=xhat, mean=mu_B, var=var, sigma_B=sigma_B, r=r, d=d,
+                 gamma=gamma, m=m, shape=shape)
+    return y.reshape(shape), cache
+
+
+def renorm_backward(dout, cache):
+    """The paper's backward of :func:`renorm_forward_train`, ``r`` and ``d`` constant.
+
+    ::
+
+        dxhat    = dy * gamma
+        dsigma_B = sum_i dxhat_i * (x_i - mu_B) * -r / sigma_B^2
+        dmu_B    = sum_i dxhat_i * -r / sigma_B
+        dx_i     = dxhat_i * r / sigma_B + dsigma_B * (x_i - mu_B) / (m * sigma_B) + dmu_B / m
+        dgamma   = sum_i dy_i * xhat_i
+        dbeta    = sum_i dy_i
+
+    Returns:
+        ``(dx, dgamma, dbeta)``.
+    """
+    xc, xhat, sigma_B, r, gamma, m = (cache[k] for k in
+                                      ("xc", "xhat", "sigma_B", "r", "gamma", "m"))
+    dy = _as_ncl(dout)                                                   # (N, C, L)
+    dxhat = dy * gamma[None, :, None]                                    # (N, C, L)
+    dsigma_B = (dxhat * xc).sum(axis=(0, 2)) * -r / sigma_B ** 2         # (C,)
+    dmu_B = dxhat.sum(axis=(0, 2)) * -r / sigma_B                        # (C,)
+    dx = (dxhat * (r / sigma_B)[None, :, None]
+          + (dsigma_B / (m * sigma_B))[None, :, None] * xc
+          + (dmu_B / m)[None, :, None])                                  # (N, C, L)
+    dgamma = (dy * xhat).sum(axis=(0, 2))                                # (C,)
+    dbeta = dy.sum(axis=(0, 2))                                          # (C,)
+    return dx.reshape(cache["shape"]), dgamma, dbeta

@@ -99,3 +99,62 @@ def test_epilogue_matches_torch_autograd(activation, with_residual):
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         reference.forward_train(np.ones((2, 2)), activation="swish")
+
+
+# Batch Renormalization (Ioffe, 2017): r and d are constants in the backward.
+RENORM_LIMITS = [(1e6, 1e6), (1.2, 0.3), (1.0, 0.0)]  # never clipped, clipped, plain BN
+
+
+def _renorm_torch(x, w, b, rm, rv, rmax, dmax, eps=1e-5):
+    dims = [0, *range(2, x.dim())]
+    view = [1, -1] + [1] * (x.dim() - 2)
+    var, mu_B = torch.var_mean(x, dim=dims, correction=0)
+    sigma_B = torch.sqrt(var + eps)
+    sigma = torch.sqrt(rv + eps)
+    r = torch.clamp(sigma_B / sigma, 1 / rmax, rmax).detach()
+    d = torch.clamp((mu_B - rm) / sigma, -dmax, dmax).detach()
+    xhat = (x - mu_B.view(view)) / sigma_B.view(view) * r.view(view) + d.view(view)
+    return w.view(view) * xhat + b.view(view), r, d
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (4, 5, 7), (3, 4, 3, 5), (2, 3, 2, 3, 4)])
+@pytest.mark.parametrize("rmax,dmax", RENORM_LIMITS)
+def test_renorm_matches_torch_autograd_with_r_d_constant(shape, rmax, dmax):
+    C = shape[1]
+    x = make_input(shape, torch.float64, seed=1, requires_grad=True)
+    w = torch.linspace(0.5, 1.5, C, dtype=torch.float64, requires_grad=True)
+    b = torch.linspace(-0.3, 0.3, C, dtype=torch.float64, requires_grad=True)
+    rm = torch.linspace(1.0, -1.0, C, dtype=torch.float64)  # far from the batch: d clips
+    rv = torch.linspace(0.2, 4.0, C, dtype=torch.float64)   # r below and above 1
+    y, r, d = _renorm_torch(x, w, b, rm, rv, rmax, dmax)
+    dy = make_input(shape, torch.float64, seed=2)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    out, cache = reference.renorm_forward_train(x.detach().numpy(), w.detach().numpy(),
+                                                b.detach().numpy(), rm.numpy(), rv.numpy(),
+                                                rmax, dmax)
+    dx, dgamma, dbeta = reference.renorm_backward(dy.numpy(), cache)
+    assert_close(out, y, **TOL, name="out")
+    assert_close(cache["r"], r, **TOL, name="r")
+    assert_close(cache["d"], d, **TOL, name="d")
+    assert_close(dx, gx, **TOL, name="dx")
+    assert_close(dgamma, gw, **TOL, name="dgamma")
+    assert_close(dbeta, gb, **TOL, name="dbeta")
+    if rmax == 1.0 and dmax == 0.0:  # plain batch norm, Algorithm 1
+        bn_out, bn_cache = reference.forward_train(x.detach().numpy(), w.detach().numpy(),
+                                                   b.detach().numpy())
+        bn_dx, bn_dgamma, bn_dbeta, _ = reference.backward(dy.numpy(), bn_cache)
+        for got, want, name in ((out, bn_out, "out"), (dx, bn_dx, "dx"),
+                                (dgamma, bn_dgamma, "dgamma"), (dbeta, bn_dbeta, "dbeta")):
+            assert_close(got, want, **TOL, name=f"plain BN {name}")
+    elif rmax > 1e5:
+        assert not np.allclose(cache["r"], 1.0) and not np.allclose(cache["d"], 0.0)
+    else:  # some channels clipped at each limit
+        assert np.isclose(cache["r"], rmax).any() and np.isclose(cache["r"], 1 / rmax).any()
+        assert np.isclose(np.abs(cache["d"]), dmax).any()
+
+
+@pytest.mark.parametrize("rmax,dmax", [(0.5, 1.0), (2.0, -0.1), (float("nan"), 1.0)])
+def test_renorm_rejects_bad_limits(rmax, dmax):
+    with pytest.raises(ValueError, match="rmax >= 1 and dmax >= 0"):
+        reference.renorm_forward_train(np.ones((2, 2)), None, None, np.zeros(2), np.ones(2),
+                                       rmax, dmax)
