@@ -9,7 +9,10 @@ so :mod:`batchnorm.functional` can swap them:
   -> (out, act_saved)``: the apply pass with the fused epilogue;
 * ``backward(grad_out, x, mean, invstd, weight, act_saved, activation,
   negative_slope, training, needs_input_grad) -> (grad_input, grad_weight,
-  grad_bias, grad_residual)``;
+  grad_bias, grad_residual)``, the composition of its two passes, also exposed
+  for :class:`batchnorm.nn.SyncBatchNorm` (which adds the sums up over
+  processes in between): ``backward_reduce(...) -> (sum_g, sum_gxc, g)`` and
+  ``backward_elementwise(..., sum_g, sum_gxc, count, ...) -> grad_input``;
 * ``update_running_stats(running_mean, running_var, mean, var, count, momentum)``,
   in place on the device (no host synchronisation).
 
@@ -323,6 +326,95 @@ def _activation_grad(grad_out, act_saved, activation, negative_slope, out=None):
     return g if out is None else out.copy_(g)
 
 
+def _materialises_g(activation: str | None, negative_slope: float) -> bool:
+    """Whether the activation's derivative needs full-size temporaries anyway, so
+    ``g`` (the gradient after the activation) is better built once, whole."""
+    return activation not in (None, "relu", "leaky_relu") or (
+        activation == "leaky_relu" and negative_slope <= 0)
+
+
+def _g_source(grad_out, x, act_saved, activation, negative_slope, g_full, blocks):
+    """``idx -> g[idx]`` in the compute dtype, one block at a time.
+
+    From ``g_full`` when it exists, else from ``grad_out`` through the
+    activation's derivative, into one block-sized scratch buffer reused by
+    every block (and every pass that shares this function).
+    """
+    cdtype = compute_dtype(x.dtype)
+    low = x.dtype != cdtype
+    gbuf = None
+    if low or (g_full is None and activation is not None):
+        gbuf = _scratch(x, blocks, cdtype)
+
+    def g_block(idx):
+        if g_full is not None:
+            gb = g_full[idx]
+            return _fit(gbuf, gb.shape).copy_(gb) if low else gb
+        gb = grad_out[idx]
+        if gbuf is None:
+            return gb
+        a = None if act_saved is None else act_saved[idx]
+        return _activation_grad(gb, a, activation, negative_slope, out=_fit(gbuf, gb.shape))
+
+    return g_block
+
+
+def _sums(g_block, x, hi_v, lo, blocks, need_gxc):
+    """``(sum(g), sum(g * (x - mean)))`` per channel (the second ``None`` unless
+    ``need_gxc``), with ``mean = hi + lo``."""
+    dims = reduce_dims(x)
+    xbuf = _scratch(x, blocks, hi_v.dtype) if need_gxc and len(blocks) > 1 else None
+    sg, sgx = [], []
+    for idx in blocks:
+        gb = g_block(idx)
+        sg.append(gb.sum(dims))
+        if need_gxc:
+            xb = x[idx]
+            xc = torch.sub(xb, hi_v) if xbuf is None else _centre(xb, hi_v, _fit(xbuf, xb.shape))
+            sgx.append(xc.mul_(gb).sum(dims))
+    sum_g = sg[0] if len(sg) == 1 else torch.stack(sg).sum(0)
+    sum_gxc = None
+    if need_gxc:
+        sum_gxc = sgx[0] if len(sgx) == 1 else torch.stack(sgx).sum(0)
+        if lo is not None:  # x - mean == (x - hi) - lo
+            sum_gxc = torch.addcmul(sum_gxc, lo, sum_g, value=-1)
+    return sum_g, sum_gxc
+
+
+def _grad_input(g_block, x, hi_v, lo, invstd, weight, sum_g, sum_gxc, count, training, blocks):
+    """``grad_input`` from the per-channel sums over ``count`` elements per channel."""
+    nd = x.dim()
+    cdtype = invstd.dtype
+    scale = invstd if weight is None else invstd * weight.to(cdtype)
+    scale_v = channel_view(scale, nd)
+    if training:
+        neg_inv_m = -1 / max(count, 1)  # an empty batch has nothing to scale
+        k = scale * invstd * invstd * sum_gxc * neg_inv_m
+        c = scale * sum_g * neg_inv_m
+        if lo is not None:
+            c = torch.addcmul(c, k, lo, value=-1)
+        k_v, c_v = channel_view(k, nd), channel_view(c, nd)
+    grad_input = torch.empty_like(x)
+    tbuf = _scratch(x, blocks, cdtype) if x.dtype != cdtype else None
+    for idx in blocks:
+        gb = g_block(idx)
+        ob = grad_input[idx]
+        t = ob if tbuf is None else _fit(tbuf, ob.shape)
+        if training:
+            # k * (x - hi) + c + scale * g
+            _scale_shift_(_centre(x[idx], hi_v, t), k_v, c_v).addcmul_(gb, scale_v)
+        else:
+            torch.mul(gb, scale_v, out=t)
+        if t is not ob:
+            ob.copy_(t)
+    return grad_input
+
+
+def _count(x: torch.Tensor) -> int:
+    """Elements per channel."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
 def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
              negative_slope=0.01, training=True, needs_input_grad=(True, True, True, True)):
     """Analytic backward of :func:`normalize` (and of the batch statistics).
@@ -339,88 +431,101 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
     exist only block-sized, in cache, and ``sum(g * xc)`` is taken on the
     centred ``xc``, never as ``sum(g * x) - mean * sum(g)``.
 
+    The two passes are also exposed separately, :func:`backward_reduce` and
+    :func:`backward_elementwise`, so that :class:`batchnorm.nn.SyncBatchNorm`
+    can sum the per-channel sums over processes in between; this function is
+    their composition, sharing one scratch buffer.
+
     Returns:
         ``(grad_input, grad_weight, grad_bias, grad_residual)``, ``None`` where
         ``needs_input_grad`` says the gradient is not wanted.
     """
     need_x, need_w, need_b, need_r = needs_input_grad
-    dims = reduce_dims(x)
-    nd = x.dim()
-    C = x.shape[1]
     cdtype = invstd.dtype
     hi, lo = split_mean(mean, cdtype)
-    hi_v = channel_view(hi, nd)
-    low = x.dtype != cdtype
+    hi_v = channel_view(hi, x.dim())
     # The residual's gradient is g itself, and the smooth activations need
     # full-size temporaries anyway: then g is materialised once.
     g_full = None
-    if need_r or activation not in (None, "relu", "leaky_relu") or (
-            activation == "leaky_relu" and negative_slope <= 0):
+    if need_r or _materialises_g(activation, negative_slope):
         g_full = _activation_grad(grad_out, act_saved, activation, negative_slope)
     blocks = _blocks(x)
-    gbuf = None
-    if low or (g_full is None and activation is not None):
-        gbuf = _scratch(x, blocks, cdtype)
-
-    def g_block(idx):
-        """``g`` over one block, in the compute dtype."""
-        if g_full is not None:
-            gb = g_full[idx]
-            return _fit(gbuf, gb.shape).copy_(gb) if low else gb
-        gb = grad_out[idx]
-        if gbuf is None:
-            return gb
-        a = None if act_saved is None else act_saved[idx]
-        return _activation_grad(gb, a, activation, negative_slope, out=_fit(gbuf, gb.shape))
-
+    g_block = _g_source(grad_out, x, act_saved, activation, negative_slope, g_full, blocks)
     need_gxc = need_w or (need_x and training)
     sum_g = sum_gxc = None
     if need_b or need_gxc:
-        xbuf = _scratch(x, blocks, cdtype) if need_gxc and len(blocks) > 1 else None
-        sg, sgx = [], []
-        for idx in blocks:
-            gb = g_block(idx)
-            sg.append(gb.sum(dims))
-            if need_gxc:
-                xb = x[idx]
-                xc = torch.sub(xb, hi_v) if xbuf is None else _centre(
-                    xb, hi_v, _fit(xbuf, xb.shape))
-                sgx.append(xc.mul_(gb).sum(dims))
-        sum_g = sg[0] if len(sg) == 1 else torch.stack(sg).sum(0)
-        if need_gxc:
-            sum_gxc = sgx[0] if len(sgx) == 1 else torch.stack(sgx).sum(0)
-            if lo is not None:  # x - mean == (x - hi) - lo
-                sum_gxc = torch.addcmul(sum_gxc, lo, sum_g, value=-1)
+        sum_g, sum_gxc = _sums(g_block, x, hi_v, lo, blocks, need_gxc)
     grad_weight = sum_gxc * invstd if need_w else None
     grad_bias = sum_g if need_b else None
     grad_input = None
     if need_x:
-        scale = invstd if weight is None else invstd * weight.to(cdtype)
-        scale_v = channel_view(scale, nd)
-        if training:
-            neg_inv_m = -1 / max(x.numel() // C, 1)  # an empty batch has nothing to scale
-            k = scale * invstd * invstd * sum_gxc * neg_inv_m
-            c = scale * sum_g * neg_inv_m
-            if lo is not None:
-                c = torch.addcmul(c, k, lo, value=-1)
-            k_v, c_v = channel_view(k, nd), channel_view(c, nd)
-        grad_input = torch.empty_like(x)
-        tbuf = _scratch(x, blocks, cdtype) if low else None
-        for idx in blocks:
-            gb = g_block(idx)
-            ob = grad_input[idx]
-            t = ob if tbuf is None else _fit(tbuf, ob.shape)
-            if training:
-                # k * (x - hi) + c + scale * g
-                _scale_shift_(_centre(x[idx], hi_v, t), k_v, c_v).addcmul_(gb, scale_v)
-            else:
-                torch.mul(gb, scale_v, out=t)
-            if t is not ob:
-                ob.copy_(t)
+        grad_input = _grad_input(g_block, x, hi_v, lo, invstd, weight, sum_g, sum_gxc,
+                                 _count(x), training, blocks)
     if grad_weight is not None and weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     grad_residual = g_full if need_r else None
     return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def backward_reduce(grad_out, x, mean, act_saved=None, activation=None, negative_slope=0.01,
+                    need_gxc=True, keep_g=False):
+    """First pass of :func:`backward`: the per-channel sums of this ``x`` alone.
+
+    ``sum(g * (x - mean))`` is centred on the ``mean`` given, so with the
+    global mean of a batch split over processes the sums of every process
+    add up to the sums of the whole batch.
+
+    Args:
+        grad_out, x, act_saved, activation, negative_slope: as in :func:`backward`.
+        mean: ``(C,)`` mean the forward normalized with (float64 ``hi + lo`` or
+            the compute dtype).
+        need_gxc: compute ``sum_gxc`` (``grad_weight`` and the training
+            ``grad_input`` need it). Default: ``True``.
+        keep_g: return the full-size ``g`` (the residual's gradient). Default:
+            ``False``.
+
+    Returns:
+        ``(sum_g, sum_gxc, g)``: ``(C,)`` sums in the compute dtype
+        (``sum_gxc`` ``None`` unless ``need_gxc``), and ``g`` (the gradient
+        after the activation, full size) when it was materialised, because
+        ``keep_g`` asked or the activation needs it whole; pass it on to
+        :func:`backward_elementwise` to avoid computing it twice.
+    """
+    cdtype = compute_dtype(x.dtype)
+    hi, lo = split_mean(mean, cdtype)
+    g_full = None
+    if keep_g or _materialises_g(activation, negative_slope):
+        g_full = _activation_grad(grad_out, act_saved, activation, negative_slope)
+    blocks = _blocks(x)
+    g_block = _g_source(grad_out, x, act_saved, activation, negative_slope, g_full, blocks)
+    sum_g, sum_gxc = _sums(g_block, x, channel_view(hi, x.dim()), lo, blocks, need_gxc)
+    return sum_g, sum_gxc, g_full
+
+
+def backward_elementwise(grad_out, x, mean, invstd, weight, sum_g, sum_gxc, count,
+                         act_saved=None, activation=None, negative_slope=0.01, training=True,
+                         g=None):
+    """Second pass of :func:`backward`: ``grad_input`` from given per-channel sums.
+
+    Args:
+        grad_out, x, mean, invstd, weight, act_saved, activation,
+            negative_slope, training: as in :func:`backward`.
+        sum_g, sum_gxc: ``(C,)`` sums over the whole batch (from
+            :func:`backward_reduce`, added up over processes); unused in eval
+            mode (``training=False``), where they may be ``None``.
+        count: elements per channel of the whole batch (``M``).
+        g: the full-size ``g`` returned by :func:`backward_reduce`, if any.
+
+    Returns:
+        ``grad_input``: dtype and memory format of ``x``.
+    """
+    hi, lo = split_mean(mean, invstd.dtype)
+    if g is None and _materialises_g(activation, negative_slope):
+        g = _activation_grad(grad_out, act_saved, activation, negative_slope)
+    blocks = _blocks(x)
+    g_block = _g_source(grad_out, x, act_saved, activation, negative_slope, g, blocks)
+    return _grad_input(g_block, x, channel_view(hi, x.dim()), lo, invstd, weight, sum_g,
+                       sum_gxc, count, training, blocks)
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
