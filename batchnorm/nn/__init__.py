@@ -9,7 +9,21 @@ from .batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    convert_frozen_batchnorm,
+)
+from .ghost import ghost_batch_norm
 from .keras_style import BatchNormalization
+from .renorm import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    batch_renorm,
+)
 
 __all__ = [
     "BatchNorm",
@@ -17,7 +31,17 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormalization",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "batch_renorm",
+    "convert_frozen_batchnorm",
+    "ghost_batch_norm",
 ]
