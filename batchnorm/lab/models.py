@@ -9,7 +9,8 @@
 * ``resnet``: a small ResNet (three stages of one basic block each), BN with
   the residual add and ReLU fused into the block's last norm.
 
-``norm`` picks the normalization: ``"batch"`` (ours), ``"none"``,
+``norm`` picks the normalization: ``"batch"`` (ours), ``"ghost"`` and
+``"renorm"`` (our ghost-batch and Batch Renormalization layers), ``"none"``,
 ``"group"``, ``"layer"`` or ``"instance"`` (PyTorch's GroupNorm, LayerNorm and
 InstanceNorm). Every model creates its weights in the same order whatever the
 norm, and norm layers start at weight 1 and bias 0, so under one seed models
@@ -25,7 +26,7 @@ from torch import nn
 
 import batchnorm
 
-NORMS = ("batch", "none", "group", "layer", "instance")
+NORMS = ("batch", "none", "group", "layer", "instance", "ghost", "renorm")
 PLACEMENTS = ("after", "before")
 ARCHS = ("cnn", "mlp", "resnet")
 
@@ -54,12 +55,25 @@ def norm_layer(norm: str, channels: int, *, spatial: bool, activation: str | Non
     Instance normalization has nothing to normalize over for ``(N, C)``
     features (one value per sample and channel); there it is the identity,
     as in architectures that use it for conv layers only.
+
+    ``"ghost"`` is our BN with ghost batches of 8 samples (a fixed size, so a
+    sweep over batch sizes keeps the statistics' noise constant while the
+    batch grows; training batches must hold at least 8 samples).
+    ``"renorm"`` is Batch Renormalization with the paper's final limits
+    ``rmax=3``, ``dmax=5`` and its warm-up schedule scaled down 50x for the
+    lab's short runs: plain BN for 100 steps, then ``rmax`` relaxed over 700
+    steps and ``dmax`` over 400.
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-    if norm == "batch":
+    if norm in ("batch", "ghost"):
         cls = batchnorm.BatchNorm2d if spatial else batchnorm.BatchNorm1d
-        return cls(channels, momentum=momentum, activation=activation)
+        ghost = dict(virtual_batch_size=8) if norm == "ghost" else {}
+        return cls(channels, momentum=momentum, activation=activation, **ghost)
+    if norm == "renorm":
+        cls = batchnorm.BatchRenorm2d if spatial else batchnorm.BatchRenorm1d
+        return cls(channels, momentum=momentum, activation=activation, rmax=3.0, dmax=5.0,
+                   warmup_steps=100, relax_steps=(700, 400))
     if norm == "none" or (norm == "instance" and not spatial):
         layer = nn.Identity()
     elif norm == "group":
