@@ -81,6 +81,7 @@ def plot_ratios(rows, png: str | Path) -> Path | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cases = _group(rows)
     labels = [_label(next(iter(c.values()))) for c in cases.values()]
@@ -99,15 +100,25 @@ def plot_ratios(rows, png: str | Path) -> Path | None:
         ax.barh(list(y), ratios, color=cols)
         ax.axvline(1.0, color="black", lw=1)
         ax.set_xscale("log")
+        lo = min([v for v in ratios if v == v] + [1.0])
+        hi = max([v for v in ratios if v == v] + [1.0])
+        ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10) if lo / 2 <= t <= hi * 2]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{p}: torch time / our time (> 1: ours faster)", fontsize=9)
         ax.grid(axis="x", which="both", alpha=0.3)
         ax.tick_params(labelsize=7)
+    from matplotlib.patches import Patch
+
+    names = {"nchw": "NCHW", "channels_last": "NHWC", "float32": "fp32", "bfloat16": "bf16"}
+    fig.legend(handles=[Patch(color=c, label=f"{names[f]} {names[d]}")
+                        for (f, d), c in colors.items()], fontsize=8, loc="lower center", ncol=4)
     axes[0].set_yticks(list(range(len(labels))), labels)
     axes[0].invert_yaxis()
     r0 = rows[0]
     fig.suptitle(f"batch_norm, {r0['device_name']}, {r0['threads']} threads, torch {r0['torch']}, "
                  f"{r0['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
