@@ -21,9 +21,12 @@ from .nn import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
+    SyncBatchNorm,
     batch_renorm,
     convert_frozen_batchnorm,
+    convert_sync_batchnorm,
     ghost_batch_norm,
+    revert_sync_batchnorm,
 )
 
 __version__ = "0.1.0"
@@ -44,9 +47,12 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
     "batch_norm",
     "batch_renorm",
     "convert_frozen_batchnorm",
+    "convert_sync_batchnorm",
     "ghost_batch_norm",
     "reference",
+    "revert_sync_batchnorm",
 ]

@@ -24,6 +24,7 @@ from .renorm import (
     BatchRenorm3d,
     batch_renorm,
 )
+from .sync import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     "BatchNorm",
@@ -41,7 +42,10 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
     "batch_renorm",
     "convert_frozen_batchnorm",
+    "convert_sync_batchnorm",
     "ghost_batch_norm",
+    "revert_sync_batchnorm",
 ]
