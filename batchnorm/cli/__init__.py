@@ -3,6 +3,12 @@
 Commands parse arguments, call a function that returns data, and render it.
 Known errors become one clear line on stderr (``BATCHNORM_DEBUG=1`` shows the
 traceback). Exit codes: 0 ok, 1 failure, 2 usage.
+
+Texts are in the language of ``batchnorm lab --lang`` when the command line
+names one, else the locale's (:func:`batchnorm.lab.i18n.default_language`):
+the help, our usage errors, the lab's output and the interrupted/error lines.
+Argparse's own words ("usage:", "invalid choice") and the data loaders'
+messages stay English.
 """
 
 from __future__ import annotations
@@ -11,27 +17,35 @@ import argparse
 import os
 import sys
 
+from ..lab.i18n import LANGUAGES, default_language, translator
 from . import lab as lab_cmd
 
-EPILOG = """examples:
-  batchnorm lab compare          # the demo: train with and without BN, write a report
-  batchnorm lab list             # every experiment, one line each
-  batchnorm info                 # versions and the backend each device uses
-"""
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(lang: str | None = None) -> argparse.ArgumentParser:
+    """The ``batchnorm`` parser, its help in ``lang`` (default: the locale's)."""
     from .. import __version__
 
+    t = translator(lang or default_language())
     parser = argparse.ArgumentParser(
-        prog="batchnorm",
-        description="Batch Normalization for PyTorch: the lab, and information on the backends.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="batchnorm", description=t("cli.description"), epilog=t("cli.epilog"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("info", help="versions and the backend each device would use")
-    lab_cmd.add_parser(sub)
+    sub.add_parser("info", help=t("cli.info_help"))
+    lab_cmd.add_parser(sub, t)
     return parser
+
+
+def _language(argv: list[str]) -> str:
+    """The ``--lang`` named on the command line if it is one we have, else the locale's."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        value = (argv[i + 1] if arg == "--lang" and i + 1 < len(argv)
+                 else arg.partition("=")[2] if arg.startswith("--lang=") else None)
+        if value in LANGUAGES:
+            return value
+    return default_language()
 
 
 def _info() -> int:
@@ -49,7 +63,9 @@ def _info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    t = translator(_language(argv))
+    parser = build_parser(t.lang)
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
@@ -57,13 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lab":
             return lab_cmd.run(args)
     except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; run the same command to resume",
-              file=sys.stderr)
+        print(t("cli.interrupted"), file=sys.stderr)
         return 130
     except Exception as err:  # one clear line for known errors
         if os.environ.get("BATCHNORM_DEBUG") or not _known(err):
             raise
-        print(f"batchnorm: error: {err}", file=sys.stderr)
+        print(t("cli.error", message=err), file=sys.stderr)
         return 1
     parser.print_help(sys.stderr)
     return 2

@@ -11,6 +11,10 @@ Matplotlib is driven through :class:`matplotlib.figure.Figure` and the Agg canva
 directly, never ``pyplot``: nothing touches the user's backend or global figure
 list, no display is needed, and one call cannot leak state into the next.
 
+The texts (titles, axis labels, legends) arrive translated in the ``Figure``;
+the one text drawn here, an empty panel's "no data", comes from the catalog of
+the figure's language (:mod:`batchnorm.lab.i18n`).
+
 Example:
     >>> import tempfile
     >>> from pathlib import Path
@@ -34,6 +38,7 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import NullLocator
 
 from .atomic import atomic_write_bytes
+from .i18n import translator
 from .results import ExperimentResult, Figure, Panel
 
 __all__ = ["PALETTE", "render_all", "render_figure"]
@@ -146,7 +151,7 @@ def _draw_bars(ax, panel: Panel, colors: dict[str, str]) -> None:
         ax.set_ylim(low, high + (0.22 if n <= 5 else 0.35) * (high - low))
 
 
-def _draw_panel(ax, panel: Panel, colors: dict[str, str]) -> None:
+def _draw_panel(ax, panel: Panel, colors: dict[str, str], lang: str = "en") -> None:
     if panel.kind not in ("lines", "bars"):
         raise ValueError(f"panel {panel.title!r}: kind must be 'lines' or 'bars', "
                          f"got {panel.kind!r}")
@@ -170,8 +175,8 @@ def _draw_panel(ax, panel: Panel, colors: dict[str, str]) -> None:
     ax.set_ylabel(panel.ylabel)
     ax.spines[["top", "right"]].set_visible(False)
     if not panel.series:
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
-                color="0.5")
+        ax.text(0.5, 0.5, translator(lang)("plot.no_data"), transform=ax.transAxes,
+                ha="center", va="center", color="0.5")
     elif any(s.label for s in panel.series) and not (panel.kind == "bars"
                                                      and len(panel.series) == 1):
         # (One series of bars needs no legend: the title names it.)
@@ -193,13 +198,14 @@ def _grid(n: int) -> tuple[int, int]:
     return 2, math.ceil(n / 2)
 
 
-def render_figure(figure: Figure, path: Path, *, dpi: int = 110) -> Path:
+def render_figure(figure: Figure, path: Path, *, dpi: int = 110, lang: str = "en") -> Path:
     """Draw ``figure`` as a PNG at ``path``, written atomically.
 
     Args:
         figure: the description (panels of series).
         path: where the PNG goes; its folder is created if needed.
         dpi: resolution. Default: ``110`` (a 3-panel figure is about 1700 x 470 pixels).
+        lang: the language of the figure's texts. Default: ``"en"``.
 
     Returns:
         ``path``.
@@ -216,7 +222,7 @@ def render_figure(figure: Figure, path: Path, *, dpi: int = 110) -> Path:
     colors = _color_map(figure)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, panel in zip(axes, figure.panels, strict=False):
-        _draw_panel(ax, panel, colors)
+        _draw_panel(ax, panel, colors, lang)
     for ax in axes[len(figure.panels):]:
         ax.set_visible(False)
     if figure.title:
@@ -236,4 +242,5 @@ def render_all(result: ExperimentResult, out_dir: Path) -> list[Path]:
         The PNG paths, in the order of ``result.figures``.
     """
     out_dir = Path(out_dir)
-    return [render_figure(figure, out_dir / f"{figure.name}.png") for figure in result.figures]
+    return [render_figure(figure, out_dir / f"{figure.name}.png", lang=result.lang)
+            for figure in result.figures]

@@ -6,6 +6,10 @@ with its title and a sentence on what it shows) and the environment. It loads
 nothing from outside and needs no JavaScript, so it opens offline and can be
 mailed as one file. Every text is escaped.
 
+The page is in the result's language (``result.lang``): its fixed headings come
+from the catalogs of :mod:`batchnorm.lab.i18n`, and the summary's English keys
+and text values are shown through ``result.display``.
+
 Example:
     >>> print(format_summary_table([
     ...     {"model": "with BN", "final_val_acc": 0.9731, "seconds": 12.34},
@@ -28,6 +32,7 @@ import struct
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .i18n import group_digits, translator
 from .results import ExperimentResult
 
 __all__ = ["format_summary_table", "format_value", "write_report"]
@@ -36,12 +41,14 @@ _SECONDS_KEY = re.compile(r"(second|(^|_)s$|(^|_)sec($|_)|(^|_)time($|_)|wall)",
 _MISSING = "—"
 
 
-def format_value(key: str, value) -> str:
+def format_value(key: str, value, lang: str = "en") -> str:
     """One summary cell as text.
 
     Accuracies (a key containing ``acc``, a value in [0, 1]) become percentages,
     durations (``seconds``, ``wall_s``, ``time``...) get one decimal, ``None``
     is a dash, integers get thousands separators, other floats 4 significant digits.
+    ``key`` is the English (machine) key; ``lang`` only changes how the text
+    reads (Spanish: ``sí``/``no``, ``97.3 %``, ``50 000``).
 
     Example:
         >>> format_value("val_acc", 0.9731), format_value("wall_s", 3.14159)
@@ -52,9 +59,9 @@ def format_value(key: str, value) -> str:
     if value is None:
         return _MISSING
     if isinstance(value, bool):
-        return "yes" if value else "no"
+        return translator(lang)("value.yes" if value else "value.no")
     if isinstance(value, numbers.Integral):
-        return f"{int(value):,}"
+        return group_digits(f"{int(value):,}", lang)
     if isinstance(value, numbers.Real):
         value = float(value)
         if math.isnan(value):
@@ -66,7 +73,7 @@ def format_value(key: str, value) -> str:
         if _SECONDS_KEY.search(key):
             return f"{value:.1f}"
         if abs(value) >= 1000:
-            return f"{value:,.0f}"
+            return group_digits(f"{value:,.0f}", lang)
         return f"{value:.4g}"
     return str(value)
 
@@ -85,29 +92,44 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def format_summary_table(rows: list[dict]) -> str:
+def _cell(key: str, value, display: dict, lang: str) -> str:
+    if isinstance(value, str):
+        return display.get(value, value)
+    return format_value(key, value, lang)
+
+
+def format_summary_table(rows: list[dict], *, display: dict | None = None,
+                         lang: str = "en") -> str:
     """The summary rows as an aligned plain-text table for a terminal.
 
     Numbers are right-aligned, text left-aligned; a missing cell is a dash.
+
+    Args:
+        rows: the summary (English keys and text values).
+        display: English key or text value -> what to show instead
+            (:attr:`ExperimentResult.display`). Default: ``None``, shown as they are.
+        lang: the language of yes/no and of number formats. Default: ``"en"``.
 
     Returns:
         The table, lines joined by ``\\n`` (no trailing newline); ``(no rows)`` when empty.
     """
     if not rows:
-        return "(no rows)"
+        return translator(lang)("report.no_rows")
+    display = display or {}
     columns = _columns(rows)
-    cells = [[format_value(c, row.get(c)) for c in columns] for row in rows]
+    cells = [[_cell(c, row.get(c), display, lang) for c in columns] for row in rows]
     numeric = [all(_is_number(row.get(c)) or row.get(c) is None for row in rows)
                for c in columns]
-    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    headers = [display.get(c, c) for c in columns]
+    widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:
         parts = [v.rjust(w) if num else v.ljust(w)
                  for v, w, num in zip(values, widths, numeric, strict=True)]
         return "  ".join(parts).rstrip()
 
-    out = [line([c.ljust(w) if not num else c.rjust(w)
-                 for c, w, num in zip(columns, widths, numeric, strict=True)]),
+    out = [line([h.ljust(w) if not num else h.rjust(w)
+                 for h, w, num in zip(headers, widths, numeric, strict=True)]),
            "  ".join("-" * w for w in widths)]
     out += [line(values) for values in cells]
     return "\n".join(out)
@@ -186,28 +208,31 @@ def _default_environment(result: ExperimentResult) -> dict:
     return env
 
 
-def _environment_html(environment: dict) -> str:
+def _environment_html(environment: dict, t) -> str:
     items = []
     for key, value in environment.items():
         if key == "wall time":
             value = _duration(value)
-        items.append(f"<div><dt>{html.escape(str(key))}</dt>"
+        name = t.get("env." + str(key).replace(" ", "_"), str(key))
+        items.append(f"<div><dt>{html.escape(name)}</dt>"
                      f"<dd>{html.escape(str(value))}</dd></div>")
     return "<dl>" + "".join(items) + "</dl>"
 
 
-def _table_html(rows: list[dict]) -> str:
+def _table_html(rows: list[dict], display: dict, lang: str) -> str:
     if not rows:
-        return "<p>(no rows)</p>"
+        return f"<p>{html.escape(translator(lang)('report.no_rows'))}</p>"
     columns = _columns(rows)
     numeric = [all(_is_number(row.get(c)) or row.get(c) is None for row in rows)
                for c in columns]
-    head = "".join(f'<th{" class=num" if num else ""} scope="col">{html.escape(str(c))}</th>'
+    head = "".join(f'<th{" class=num" if num else ""} scope="col">'
+                   f"{html.escape(str(display.get(c, c)))}</th>"
                    for c, num in zip(columns, numeric, strict=True))
     body = []
     for row in rows:
         cells = "".join(
-            f'<td{" class=num" if num else ""}>{html.escape(format_value(str(c), row.get(c)))}</td>'
+            f'<td{" class=num" if num else ""}>'
+            f"{html.escape(_cell(str(c), row.get(c), display, lang))}</td>"
             for c, num in zip(columns, numeric, strict=True))
         body.append(f"<tr>{cells}</tr>")
     return (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
@@ -228,28 +253,32 @@ def _figure_html(figure, image: Path) -> str:
 
 def _render_html(result: ExperimentResult, images: list[Path], environment: dict) -> str:
     esc = html.escape
+    t = translator(result.lang)
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="{esc(result.lang)}"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(result.title)} · batchnorm lab</title>",
+        f"<title>{esc(t('report.page_title', title=result.title))}</title>",
         f"<style>{_CSS}</style></head><body><main>",
-        f'<header><p class="kicker">batchnorm lab · {esc(result.experiment)}</p>',
+        f'<header><p class="kicker">{esc(t("report.kicker", experiment=result.experiment))}</p>',
         f"<h1>{esc(result.title)}</h1>",
-        f'<p class="claim"><strong>Claim tested.</strong> {esc(result.claim)}</p></header>',
+        f'<p class="claim"><strong>{esc(t("report.claim"))}</strong> {esc(result.claim)}</p>'
+        "</header>",
     ]
     if result.command:
-        parts.append(f"<section><h2>Reproduce</h2><pre><code>{esc(result.command)}</code></pre>"
-                     "</section>")
-    parts.append(f"<section><h2>Summary</h2>{_table_html(result.summary)}</section>")
+        parts.append(f"<section><h2>{esc(t('report.reproduce'))}</h2>"
+                     f"<pre><code>{esc(result.command)}</code></pre></section>")
+    table = _table_html(result.summary, result.display, result.lang)
+    parts.append(f"<section><h2>{esc(t('report.summary'))}</h2>{table}</section>")
     if result.notes:
         notes = "".join(f"<li>{esc(note)}</li>" for note in result.notes)
-        parts.append(f'<section><h2>Findings</h2><ul class="notes">{notes}</ul></section>')
+        parts.append(f"<section><h2>{esc(t('report.findings'))}</h2>"
+                     f'<ul class="notes">{notes}</ul></section>')
     if result.figures:
-        parts.append("<section><h2>Figures</h2>")
+        parts.append(f"<section><h2>{esc(t('report.figures'))}</h2>")
         parts += [_figure_html(f, img) for f, img in zip(result.figures, images, strict=True)]
         parts.append("</section>")
-    parts.append(f"<footer>{_environment_html(environment)}</footer>")
+    parts.append(f"<footer>{_environment_html(environment, t)}</footer>")
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
 

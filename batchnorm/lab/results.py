@@ -89,6 +89,13 @@ class ExperimentResult:
         runs: label -> serialized :class:`~batchnorm.lab.train.RunResult`.
         command: the command line that reproduces the experiment.
         seconds: wall time of the whole experiment.
+        lang: the language of the texts (``"en"``, ``"es"``): title, claim,
+            notes and figures are written in it.
+        display: how to show the summary in ``lang``: English key or text
+            value -> its translation. The summary itself stays in English (its
+            keys and text values are what machines read in ``metrics.json``
+            and ``--json``); the report and the terminal table translate it
+            through this map when they render it.
     """
 
     experiment: str
@@ -100,6 +107,8 @@ class ExperimentResult:
     runs: dict = field(default_factory=dict)
     command: str = ""
     seconds: float = 0.0
+    lang: str = "en"
+    display: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,6 +3,14 @@
 ``run_experiment(LabConfig(...))`` loads the data, calls the experiment
 function, and writes the run folder: ``config.json``, ``metrics.csv``,
 ``metrics.json``, one PNG per figure and ``report.html`` — each file atomically.
+
+Texts come in the config's language (``LabConfig.lang``): experiments write
+them with ``lab.t(key, ...)`` from :mod:`batchnorm.lab.i18n`'s catalogs. Summary
+keys, summary text values and run ids come from ``lab.term(key, ...)``: always
+the English text (so ``metrics.json``, ``--json`` and the cached run files do
+not depend on the language, and a run trained for an English report is reused
+for a Spanish one), with its translation kept in ``result.display`` for the
+report and the terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from ..tools.monitor import ActivationMonitor
 from .atomic import atomic_write_bytes, atomic_write_text
 from .data import Dataset, load_dataset
+from .i18n import LANGUAGES, translator
 from .results import ExperimentResult
 from .store import RunStore, history_csv
 from .train import RunResult, TrainConfig, make_model, train
@@ -41,6 +50,11 @@ class LabConfig:
         epochs, steps, batch_size, lr, arch: overrides of the experiment's defaults.
         quick: a smaller configuration (tests, a first look).
         progress: show progress bars.
+        lang: language of the report and the terminal output, ``"en"`` or ``"es"``
+            (it changes no number and no run).
+
+    Raises:
+        ValueError: an unknown ``lang``.
     """
 
     experiment: str = "compare"
@@ -56,6 +70,12 @@ class LabConfig:
     arch: str | None = None
     quick: bool = False
     progress: bool = True
+    lang: str = "en"
+
+    def __post_init__(self):
+        if self.lang not in LANGUAGES:
+            raise ValueError(f"unknown language {self.lang!r}; expected one of "
+                             f"{', '.join(LANGUAGES)}")
 
     @property
     def folder(self) -> Path:
@@ -74,7 +94,13 @@ class LabConfig:
 
 
 class Lab:
-    """What an experiment function works with: the data and cached training runs."""
+    """What an experiment function works with: the data, cached training runs, the texts.
+
+    Attributes:
+        t: the :class:`~batchnorm.lab.i18n.Translator` of ``config.lang``:
+            ``lab.t("compare.title")`` is a text in the report's language.
+        display: English term -> its text in ``config.lang``, filled by :meth:`term`.
+    """
 
     def __init__(self, config: LabConfig, data: Dataset, store: RunStore):
         self.config = config
@@ -82,6 +108,28 @@ class Lab:
         self.store = store
         self.trained: list[str] = []   # labels trained in this call (the rest came from disk)
         self.runs: dict[str, RunResult] = {}
+        self.t = translator(config.lang)
+        self.display: dict[str, str] = {}
+
+    def term(self, key: str, **params) -> str:
+        """The English text of ``key``, remembering how to show it in ``config.lang``.
+
+        For what must not depend on the language: run ids (they name the cached
+        run files), summary keys and text values (machines read them). A
+        parameter that is itself a term is shown translated.
+
+        Example: ``lab.term("label.no_bn")`` is ``"no BN"``, shown as ``"sin BN"``
+        in Spanish; ``lab.term("run.lr", label=that, lr=0.1)`` is ``"no BN lr=0.1"``.
+        """
+        english = translator("en")(key, **params)
+        shown = {k: self.display.get(v, v) if isinstance(v, str) else v
+                 for k, v in params.items()}
+        self.display[english] = self.t(key, **shown)
+        return english
+
+    def show(self, term: str) -> str:
+        """How ``term`` (from :meth:`term`) reads in ``config.lang``."""
+        return self.display.get(term, term)
 
     def train_config(self, defaults: dict, **overrides) -> TrainConfig:
         """A TrainConfig from the experiment's defaults, the user's flags, then ``overrides``."""
@@ -115,7 +163,7 @@ class Lab:
             if model is None:
                 result = None
         if result is None:
-            bar = _progress(label, self.config.progress)
+            bar = _progress(self.show(label), self.t("progress.unit"), self.config.progress)
             model = make_model(config, self.data)
             watcher = ActivationMonitor(model, **monitor) if monitor else None
             try:
@@ -154,12 +202,12 @@ class Lab:
 
 
 class _Bar:
-    def __init__(self, label: str, enabled: bool):
+    def __init__(self, label: str, unit: str, enabled: bool):
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(desc=f"{label:>18}", unit="step", leave=False, dynamic_ncols=True)
+            self._bar = tqdm(desc=f"{label:>18}", unit=unit, leave=False, dynamic_ncols=True)
 
     def update_to(self, step: int, total: int) -> None:
         if self._bar is not None:
@@ -173,8 +221,8 @@ class _Bar:
             self._bar.close()
 
 
-def _progress(label: str, enabled: bool) -> _Bar:
-    return _Bar(label, enabled and sys.stderr.isatty())
+def _progress(label: str, unit: str, enabled: bool) -> _Bar:
+    return _Bar(label, unit, enabled and sys.stderr.isatty())
 
 
 def environment(config: LabConfig) -> dict:
@@ -201,11 +249,12 @@ def run_experiment(config: LabConfig, *, write: bool = True) -> tuple[Experiment
     """
     from .experiments import EXPERIMENTS
 
+    t = translator(config.lang)
     if config.experiment not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {config.experiment!r}; expected one of "
-                         f"{', '.join(EXPERIMENTS)}")
+        raise ValueError(t("error.unknown_experiment", name=config.experiment,
+                           names=", ".join(EXPERIMENTS)))
     if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
+        raise ValueError(t("error.no_cuda"))
     spec = EXPERIMENTS[config.experiment]
     dataset = config.dataset or spec.dataset
     config = replace(config, dataset=dataset)
@@ -220,6 +269,8 @@ def run_experiment(config: LabConfig, *, write: bool = True) -> tuple[Experiment
     result.seconds = round(time.perf_counter() - start, 2)
     result.command = config.command()
     result.runs = {label: r.to_dict() for label, r in lab.runs.items()}
+    result.lang = config.lang
+    result.display = {**{k: v for k, v in lab.display.items() if k != v}, **result.display}
     report = config.folder / "report.html"
     if write:
         report = write_outputs(result, config, lab)

@@ -1,36 +1,64 @@
-"""What the experiments share: the registry, default sizes, curve figures, table rows."""
+"""What the experiments share: the registry, default sizes, curve figures, table rows.
+
+Texts come from the catalogs (:mod:`batchnorm.lab.i18n`), never from string
+literals here: ``lab.t(key)`` for what is only shown (titles, captions, axes,
+legends, notes), ``lab.term(key)`` for run ids and the summary's keys and text
+values, which stay English (see :mod:`batchnorm.lab.runner`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..i18n import translator
 from ..results import ExperimentResult, Figure, Panel, Series
 from ..runner import Lab
 from ..train import RunResult
 
 __all__ = ["CNN", "QUICK", "REGISTRY", "Experiment", "curve_figure", "defaults_for",
-           "experiment", "run_row", "target_accuracy"]
+           "diverged", "experiment", "result", "run_row", "target_accuracy", "with_and_without_bn"]
 
 
 @dataclass(frozen=True)
 class Experiment:
+    """A registered experiment; its one-line description is the catalog's ``<name>.description``."""
+
     name: str
     fn: Callable[[Lab], ExperimentResult]
-    description: str
     dataset: str = "mnist5k"
+
+    @property
+    def description(self) -> str:
+        """The description in English."""
+        return self.describe("en")
+
+    def describe(self, lang: str) -> str:
+        return translator(lang)(f"{self.name}.description")
 
 
 REGISTRY: dict[str, Experiment] = {}
 
 
-def experiment(name: str, description: str, dataset: str = "mnist5k"):
+def experiment(name: str, dataset: str = "mnist5k"):
     """Register ``fn(lab) -> ExperimentResult`` as ``batchnorm lab <name>``."""
 
     def register(fn):
-        REGISTRY[name] = Experiment(name, fn, description, dataset)
+        REGISTRY[name] = Experiment(name, fn, dataset)
         return fn
     return register
+
+
+def result(lab: Lab, name: str, summary: list[dict], figures: list[Figure],
+           notes: list[str] | None = None) -> ExperimentResult:
+    """An :class:`ExperimentResult` titled from the catalog (``<name>.title``, ``.claim``)."""
+    return ExperimentResult(name, lab.t(f"{name}.title"), lab.t(f"{name}.claim"), summary,
+                            figures, notes or [], lang=lab.config.lang)
+
+
+def with_and_without_bn(lab: Lab) -> tuple[tuple[str, str], ...]:
+    """``((run id, norm), ...)`` for the two runs most experiments compare."""
+    return (lab.term("label.bn"), "batch"), (lab.term("label.no_bn"), "none")
 
 
 # The course CNN at a width that trains in seconds per epoch on 2 cores.
@@ -50,31 +78,39 @@ def target_accuracy(lab: Lab, full: float) -> float:
     return 0.5 if lab.config.quick else full
 
 
-def curve_figure(runs: dict[str, RunResult], name="curves", title="Training curves",
-                  caption="") -> Figure:
+def curve_figure(lab: Lab, runs: dict[str, RunResult], caption: str,
+                 name: str = "curves") -> Figure:
+    """Loss (training dashed, validation solid) and validation accuracy of ``runs``."""
+    t = lab.t
     loss, acc = [], []
     for label, r in runs.items():
         steps = [h["step"] for h in r.history]
-        loss.append(Series(f"{label} (train)", steps, [h["train_loss"] for h in r.history],
-                           dashed=True, group=label))
-        loss.append(Series(f"{label} (validation)", steps, [h["val_loss"] for h in r.history],
-                           group=label))
-        acc.append(Series(label, steps, [h["val_acc"] for h in r.history]))
-    return Figure(name, title, caption, [
-        Panel("Loss", "training step", "cross-entropy loss", loss, logy=True),
-        Panel("Validation accuracy", "training step", "accuracy", acc)])
+        shown = lab.show(label)
+        loss.append(Series(t("series.train", label=shown), steps,
+                           [h["train_loss"] for h in r.history], dashed=True, group=label))
+        loss.append(Series(t("series.validation", label=shown), steps,
+                           [h["val_loss"] for h in r.history], group=label))
+        acc.append(Series(shown, steps, [h["val_acc"] for h in r.history], group=label))
+    return Figure(name, t("curves.title"), caption, [
+        Panel(t("panel.loss"), t("axis.step"), t("axis.loss"), loss, logy=True),
+        Panel(t("panel.val_accuracy"), t("axis.step"), t("axis.accuracy"), acc)])
 
 
-def run_row(label: str, r: RunResult, target: float) -> dict:
+def diverged(lab: Lab, r: RunResult) -> str:
+    return lab.term("value.yes" if r.diverged else "value.no")
+
+
+def run_row(lab: Lab, label: str, r: RunResult, target: float) -> dict:
     best = max((h["val_acc"] for h in r.history), default=0.0)
+    col = lab.term
     return {
-        "run": label,
-        "final val acc": r.final.get("val_acc", 0.0),
-        "best val acc": best,
-        f"steps to {target:.0%}": r.steps_to(target),
-        "final train loss": r.history[-1]["train_loss"] if r.history else None,
-        "train seconds": r.history[-1]["seconds"] if r.history else None,
-        "diverged": "yes" if r.diverged else "no",
+        col("col.run"): label,
+        col("col.final_val_acc"): r.final.get("val_acc", 0.0),
+        col("col.best_val_acc"): best,
+        col("col.steps_to", target=target): r.steps_to(target),
+        col("col.final_train_loss"): r.history[-1]["train_loss"] if r.history else None,
+        col("col.train_seconds"): r.history[-1]["seconds"] if r.history else None,
+        col("col.diverged"): diverged(lab, r),
     }
 
 

@@ -9,7 +9,7 @@ import torch
 from ..results import ExperimentResult, Figure, Panel, Series
 from ..runner import Lab
 from ..train import evaluate
-from ._common import CNN, curve_figure, defaults_for, experiment
+from ._common import CNN, curve_figure, defaults_for, experiment, result, with_and_without_bn
 
 
 def shift_images(x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +35,12 @@ def recompute_running_stats(model: torch.nn.Module, x: torch.Tensor, batch_size=
     model.train(was_training)
 
 
-@experiment("modes", "the inference pitfalls measured: evaluating in train mode, a batch of "
-                     "one, statistics left stale after the data shift")
+@experiment("modes")
 def modes(lab: Lab) -> ExperimentResult:
+    t, term = lab.t, lab.term
     defaults = defaults_for(lab, CNN)
-    _, model = lab.run("BN", lab.train_config(defaults, norm="batch"), keep_model=True)
+    _, model = lab.run(term("label.bn"), lab.train_config(defaults, norm="batch"),
+                       keep_model=True)
     data = lab.data
     x_val, y_val = data.x_val, data.y_val
 
@@ -51,75 +52,58 @@ def modes(lab: Lab) -> ExperimentResult:
     recalibrated_model = copy.deepcopy(model)
     recompute_running_stats(recalibrated_model, shift_images(data.x_train))
     measured = [
-        ("eval mode (correct)", batched),
-        ("train mode, batches of 500", acc(model, train_mode=True, batch_size=500)),
-        ("train mode, batches of 8", acc(model, train_mode=True, batch_size=8)),
-        ("eval mode, one image at a time", single),
-        ("shifted data, stale statistics", acc(model, shift_images(x_val))),
-        ("shifted data, recomputed statistics", acc(recalibrated_model, shift_images(x_val))),
+        (term("modes.eval"), batched),
+        (term("modes.train_500"), acc(model, train_mode=True, batch_size=500)),
+        (term("modes.train_8"), acc(model, train_mode=True, batch_size=8)),
+        (term("modes.single"), single),
+        (term("modes.stale"), acc(model, shift_images(x_val))),
+        (term("modes.recomputed"), acc(recalibrated_model, shift_images(x_val))),
     ]
-    notes = [f"In eval mode a prediction does not depend on the rest of the batch: one image "
-             f"at a time gives {single:.1%}, batches of 500 give {batched:.1%}."]
+    notes = [t("modes.note_eval", single=single, batched=batched)]
     model.train()
     try:
         with torch.no_grad():
             model(x_val[:1].to(lab.config.device))
-        notes.append("A batch of one in train mode ran (spatial positions gave the statistics).")
+        notes.append(t("modes.note_single_ran"))
     except ValueError as err:
-        notes.append(f"A batch of one in train mode fails: the dense BN layer raises "
-                     f"\"{err}\". Even where it runs, a single image's statistics would "
-                     "normalize away the very features that identify it.")
+        notes.append(t("modes.note_single_fails", error=err))
     model.eval()
     gain = measured[-1][1] - measured[-2][1]
-    notes.append("The shift halves the contrast and brightens the images, as a new camera "
-                 "might. Recomputing the running statistics on shifted training images, with "
-                 f"no weight changed, changes accuracy by {gain:+.1%}.")
-    rows = [{"condition": name, "val acc": value} for name, value in measured]
-    fig = Figure("modes", "One trained network, evaluated several ways",
-                 "Validation accuracy of the same trained BN network: in eval mode (running "
-                 "statistics), in train mode by mistake (batch statistics of 500 or 8 images), "
-                 "one image at a time, and on shifted data before and after recomputing the "
-                 "running statistics.",
-                 [Panel("Validation accuracy of the BN network", "", "accuracy",
-                        [Series("BN network", [m[0] for m in measured],
+    notes.append(t("modes.note_shift", gain=gain))
+    rows = [{term("col.condition"): name, term("col.val_acc"): value}
+            for name, value in measured]
+    fig = Figure("modes", t("modes.figure"), t("modes.caption"),
+                 [Panel(t("modes.panel"), "", t("axis.accuracy"),
+                        [Series(t("label.bn_network"), [lab.show(m[0]) for m in measured],
                                 [m[1] for m in measured])], kind="bars", ylim=(0, 1))])
-    return ExperimentResult(
-        "modes", "Training mode vs inference mode",
-        "BN behaves differently in training (batch statistics, running statistics updated) "
-        "and inference (running statistics, fixed): forgetting model.eval(), tiny batches and "
-        "stale statistics after a data shift all cost accuracy.",
-        rows, [fig], notes)
+    return result(lab, "modes", rows, [fig], notes)
 
 
-@experiment("regularization", "the train vs validation gap with and without BN")
+@experiment("regularization")
 def regularization(lab: Lab) -> ExperimentResult:
+    t, col = lab.t, lab.term
     base = dict(CNN, epochs=20, train_size=1000, eval_every=16)
     defaults = defaults_for(lab, base, quick={"train_size": 200})
     runs = {label: lab.run(label, lab.train_config(defaults, norm=norm))
-            for label, norm in (("BN", "batch"), ("no BN", "none"))}
+            for label, norm in with_and_without_bn(lab)}
     rows = []
     for label, r in runs.items():
         train_acc = r.final.get("train_eval_acc", 0.0)
         val_acc = r.final.get("val_acc", 0.0)
-        rows.append({"run": label, "train acc": train_acc, "val acc": val_acc,
-                     "acc gap (train - val)": train_acc - val_acc,
-                     "final val loss": r.final.get("val_loss")})
+        rows.append({col("col.run"): label, col("col.train_acc"): train_acc,
+                     col("col.val_acc"): val_acc, col("col.acc_gap"): train_acc - val_acc,
+                     col("col.final_val_loss"): r.final.get("val_loss")})
     acc_series = []
     for label, r in runs.items():
         steps = [h["step"] for h in r.history]
-        acc_series.append(Series(f"{label} (train)", steps, [h["train_acc"] for h in r.history],
-                                 dashed=True, group=label))
-        acc_series.append(Series(f"{label} (validation)", steps,
+        shown = lab.show(label)
+        acc_series.append(Series(t("series.train", label=shown), steps,
+                                 [h["train_acc"] for h in r.history], dashed=True, group=label))
+        acc_series.append(Series(t("series.validation", label=shown), steps,
                                  [h["val_acc"] for h in r.history], group=label))
-    size = defaults["train_size"]
-    figs = [Figure("gap", "Training vs validation accuracy",
-                   f"Training on {size} images for many epochs: dashed lines are the training "
-                   "accuracy (in train mode, averaged since the previous point), solid lines "
-                   "the validation accuracy. The space between them is the generalization gap.",
-                   [Panel("Accuracy", "training step", "accuracy", acc_series)]),
-            curve_figure(runs, caption="Loss and validation accuracy of the same runs.")]
-    return ExperimentResult(
-        "regularization", "Does BN regularize?",
-        "BN adds noise (each sample is normalized with its batch's statistics), which acts "
-        "as a mild regularizer: the gap between training and validation accuracy can shrink.",
-        rows, figs)
+    figs = [Figure("gap", t("regularization.figure"),
+                   t("regularization.caption", size=defaults["train_size"]),
+                   [Panel(t("panel.accuracy"), t("axis.step"), t("axis.accuracy"),
+                          acc_series)]),
+            curve_figure(lab, runs, t("regularization.curves_caption"))]
+    return result(lab, "regularization", rows, figs)
