@@ -2,7 +2,10 @@
 
 ``resolve_backend(name, x)`` returns a module with the functions of
 :mod:`batchnorm.kernels.torch_ops` (``batch_stats``, ``normalize``,
-``backward``, ``update_running_stats``).
+``backward``, ``update_running_stats``, and the two stages of the backward,
+``backward_reduce`` and ``backward_elementwise``, that SyncBatchNorm puts a
+collective between; a backend without them makes SyncBatchNorm fall back to
+the portable path).
 
 * ``"auto"``: the environment variable ``BATCHNORM_BACKEND`` if set (for
   tests), else the fastest backend that can run on ``x``'s device;
