@@ -207,3 +207,33 @@ def test_gradients_only_where_asked():
     _, cache = reference.forward_train(x.numpy(), w.detach().numpy(), b.detach().numpy())
     dy = 1 + 2 * y.detach().numpy()
     assert_close(gw, reference.backward(dy, cache)[1], **F64, name="grad_weight")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_cache_blocked_path_matches_reference(monkeypatch, channels_last, dtype, activation):
+    """Inputs above torch_ops.BLOCK elements are walked in blocks; force it on small ones."""
+    from batchnorm.kernels import torch_ops
+
+    monkeypatch.setattr(torch_ops, "BLOCK", 64)
+    shape = (3, 5, 7, 6)
+    fmt = memory_format_for(4, channels_last)
+    x = make_input(shape, dtype, fmt, seed=13, offset=3.0, requires_grad=True)
+    w, b = _params(5, torch.float64 if dtype == torch.float64 else torch.float32)
+    rm = torch.zeros(5, dtype=w.dtype)
+    rv = torch.ones(5, dtype=w.dtype)
+    y = batch_norm(x, rm, rv, w, b, True, activation=activation, backend="torch")
+    dy = make_input(shape, dtype, seed=14)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    out, cache = reference.forward_train(x.detach().double().numpy(), w.detach().double().numpy(),
+                                         b.detach().double().numpy(), activation=activation)
+    dx, dgamma, dbeta, _ = reference.backward(dy.double().numpy(), cache)
+    rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-2, 3e-2)
+    assert_close(y, out, rtol, atol, name="out")
+    assert_close(gx, dx, rtol, atol * 3, name="grad_input")
+    assert_close(gw, dgamma, rtol, atol * 10, name="grad_weight")
+    assert_close(gb, dbeta, rtol, atol * 10, name="grad_bias")
+    want_rm, _, _ = reference.update_running_stats(np.zeros(5), np.ones(5), cache["mean"],
+                                                   cache["var"], cache["m"], 0.1)
+    assert_close(rm, want_rm, 1e-6, 1e-6, name="running_mean")
