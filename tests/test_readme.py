@@ -11,3 +11,11 @@ def test_readme_python_blocks_run():
     assert blocks, "the README has no python example"
     for code in blocks:
         exec(compile(code, str(README), "exec"), {})
+
+
+def test_readme_links_point_at_files():
+    text = README.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(((?:docs|benchmarks)/[^)#\s]+)\)", text)
+    assert targets
+    missing = [t for t in targets if not (README.parent / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
