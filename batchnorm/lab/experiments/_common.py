@@ -17,7 +17,8 @@ from ..runner import Lab
 from ..train import RunResult
 
 __all__ = ["CNN", "QUICK", "REGISTRY", "Experiment", "curve_figure", "defaults_for",
-           "diverged", "experiment", "result", "run_row", "target_accuracy", "with_and_without_bn"]
+           "diverged", "experiment", "result", "run_row", "target_accuracy", "train_val_series",
+           "with_and_without_bn"]
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,27 @@ def target_accuracy(lab: Lab, full: float) -> float:
     return 0.5 if lab.config.quick else full
 
 
+def train_val_series(lab: Lab, runs: dict[str, RunResult], train_key: str,
+                     val_key: str) -> list[Series]:
+    """Per run, the training curve (dashed) and the validation curve (solid), one color."""
+    series = []
+    for label, r in runs.items():
+        steps = [h["step"] for h in r.history]
+        shown = lab.show(label)
+        series.append(Series(lab.t("series.train", label=shown), steps,
+                             [h[train_key] for h in r.history], dashed=True, group=label))
+        series.append(Series(lab.t("series.validation", label=shown), steps,
+                             [h[val_key] for h in r.history], group=label))
+    return series
+
+
 def curve_figure(lab: Lab, runs: dict[str, RunResult], caption: str,
                  name: str = "curves") -> Figure:
     """Loss (training dashed, validation solid) and validation accuracy of ``runs``."""
     t = lab.t
-    loss, acc = [], []
-    for label, r in runs.items():
-        steps = [h["step"] for h in r.history]
-        shown = lab.show(label)
-        loss.append(Series(t("series.train", label=shown), steps,
-                           [h["train_loss"] for h in r.history], dashed=True, group=label))
-        loss.append(Series(t("series.validation", label=shown), steps,
-                           [h["val_loss"] for h in r.history], group=label))
-        acc.append(Series(shown, steps, [h["val_acc"] for h in r.history], group=label))
+    loss = train_val_series(lab, runs, "train_loss", "val_loss")
+    acc = [Series(lab.show(label), [h["step"] for h in r.history],
+                  [h["val_acc"] for h in r.history], group=label) for label, r in runs.items()]
     return Figure(name, t("curves.title"), caption, [
         Panel(t("panel.loss"), t("axis.step"), t("axis.loss"), loss, logy=True),
         Panel(t("panel.val_accuracy"), t("axis.step"), t("axis.accuracy"), acc)])

@@ -9,7 +9,15 @@ import torch
 from ..results import ExperimentResult, Figure, Panel, Series
 from ..runner import Lab
 from ..train import evaluate
-from ._common import CNN, curve_figure, defaults_for, experiment, result, with_and_without_bn
+from ._common import (
+    CNN,
+    curve_figure,
+    defaults_for,
+    experiment,
+    result,
+    train_val_series,
+    with_and_without_bn,
+)
 
 
 def shift_images(x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +101,7 @@ def regularization(lab: Lab) -> ExperimentResult:
         rows.append({col("col.run"): label, col("col.train_acc"): train_acc,
                      col("col.val_acc"): val_acc, col("col.acc_gap"): train_acc - val_acc,
                      col("col.final_val_loss"): r.final.get("val_loss")})
-    acc_series = []
-    for label, r in runs.items():
-        steps = [h["step"] for h in r.history]
-        shown = lab.show(label)
-        acc_series.append(Series(t("series.train", label=shown), steps,
-                                 [h["train_acc"] for h in r.history], dashed=True, group=label))
-        acc_series.append(Series(t("series.validation", label=shown), steps,
-                                 [h["val_acc"] for h in r.history], group=label))
+    acc_series = train_val_series(lab, runs, "train_acc", "val_acc")
     figs = [Figure("gap", t("regularization.figure"),
                    t("regularization.caption", size=defaults["train_size"]),
                    [Panel(t("panel.accuracy"), t("axis.step"), t("axis.accuracy"),
