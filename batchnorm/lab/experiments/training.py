@@ -56,12 +56,16 @@ def batch_size(lab: Lab) -> ExperimentResult:
     sizes = [4, 32] if lab.config.quick else [2, 4, 8, 16, 32, 64, 128, 256]
     base = dict(CNN, epochs=2, model_kwargs={"conv_filters": 16, "dense_units": 64})
     defaults = defaults_for(lab, base)
-    norms = ((lab.term("label.bn"), "batch"), (lab.term("label.groupnorm"), "group"),
-             (lab.term("label.layernorm"), "layer"))
+    # Ghost batches of 8 only differ from BN in batches of more than 8.
+    norms = ((lab.term("label.bn"), "batch", sizes),
+             (lab.term("label.groupnorm"), "group", sizes),
+             (lab.term("label.layernorm"), "layer", sizes),
+             (lab.term("label.renorm"), "renorm", sizes),
+             (lab.term("label.ghost"), "ghost", [bs for bs in sizes if bs > 8]))
     rows, series = [], []
-    for label, norm in norms:
+    for label, norm, norm_sizes in norms:
         accs = []
-        for bs in sizes:
+        for bs in norm_sizes:
             # Same epochs for every size, learning rate scaled with the batch
             # (the linear scaling rule), as in the GroupNorm paper's sweep.
             lr = defaults["lr"] * bs / 64
@@ -73,7 +77,7 @@ def batch_size(lab: Lab) -> ExperimentResult:
                          col("col.lr"): round(lr, 5), col("col.steps"): r.final.get("step"),
                          col("col.final_val_acc"): accs[-1],
                          col("col.diverged"): diverged(lab, r)})
-        series.append(Series(lab.show(label), sizes, accs))
+        series.append(Series(lab.show(label), norm_sizes, accs))
     fig = Figure("batch_size", t("batch-size.figure"), t("batch-size.caption"),
                  [Panel(t("batch-size.panel"), t("axis.batch_size"), t("axis.val_accuracy"),
                         series, logx=True)])

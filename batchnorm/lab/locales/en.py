@@ -13,6 +13,8 @@ MESSAGES = {
     "label.bn_before_relu": "BN before ReLU",
     "label.groupnorm": "GroupNorm",
     "label.layernorm": "LayerNorm",
+    "label.renorm": "Batch Renorm",
+    "label.ghost": "ghost BN (8)",
     "label.bn_network": "BN network",
     "run.batch_size": "{label} bs={batch_size}",
     "run.lr": "{label} lr={lr}",
@@ -82,7 +84,8 @@ MESSAGES = {
     "placement.caption": "BN placed after the ReLU, before it (our BatchNorm2d(..., "
                          "activation='relu')), and no BN, from the same initial weights.",
     # ---------------------------------------------------------------- batch-size
-    "batch-size.description": "BN vs GroupNorm vs LayerNorm for batch sizes from 2 to 256",
+    "batch-size.description": "BN vs GroupNorm vs LayerNorm (and Batch Renorm, ghost BN) for "
+                              "batch sizes from 2 to 256",
     "batch-size.title": "Batch size: where BN's statistics get noisy",
     "batch-size.claim": "BN estimates the mean and variance from the mini-batch: with very "
                         "small batches the estimates are noisy and training and inference "
@@ -91,7 +94,9 @@ MESSAGES = {
     "batch-size.caption": "Final validation accuracy (eval mode) after the same number of "
                           "epochs, learning rate proportional to the batch size. BN's "
                           "statistics come from the mini-batch, so small batches hurt it; "
-                          "GroupNorm and LayerNorm do not depend on the batch.",
+                          "GroupNorm and LayerNorm do not depend on the batch. Batch Renorm "
+                          "corrects the batch statistics towards the running ones; ghost BN "
+                          "normalizes groups of 8 samples (batches above 8 only).",
     "batch-size.panel": "Accuracy vs batch size",
     # ---------------------------------------------------------------- lr
     "lr.description": "a learning-rate sweep with and without BN",

@@ -16,6 +16,8 @@ MESSAGES = {
     "label.bn_before_relu": "BN antes de la ReLU",
     "label.groupnorm": "GroupNorm",
     "label.layernorm": "LayerNorm",
+    "label.renorm": "Batch Renorm",
+    "label.ghost": "BN fantasma (8)",
     "label.bn_network": "red con BN",
     "run.batch_size": "{label} lote={batch_size}",
     "run.lr": "{label} tasa={lr}",
@@ -86,8 +88,8 @@ MESSAGES = {
     "placement.caption": "BN después de la ReLU, antes de ella (nuestra BatchNorm2d(..., "
                          "activation='relu')) y sin BN, desde los mismos pesos iniciales.",
     # ---------------------------------------------------------------- batch-size
-    "batch-size.description": "BN frente a GroupNorm y LayerNorm con tamaños de lote de 2 a "
-                              "256",
+    "batch-size.description": "BN frente a GroupNorm y LayerNorm (y Batch Renorm, BN fantasma) "
+                              "con tamaños de lote de 2 a 256",
     "batch-size.title": "Tamaño de lote: cuándo las estadísticas de BN se vuelven ruidosas",
     "batch-size.claim": "BN estima la media y la varianza con el minilote: con lotes muy "
                         "pequeños las estimaciones son ruidosas y las estadísticas de "
@@ -97,7 +99,9 @@ MESSAGES = {
                           "número de épocas, con la tasa de aprendizaje proporcional al tamaño "
                           "de lote. Las estadísticas de BN salen del minilote, así que los "
                           "lotes pequeños la perjudican; GroupNorm y LayerNorm no dependen del "
-                          "lote.",
+                          "lote. Batch Renorm corrige las estadísticas del lote hacia las "
+                          "móviles; la BN fantasma normaliza grupos de 8 muestras (solo lotes "
+                          "de más de 8).",
     "batch-size.panel": "Precisión según el tamaño de lote",
     # ---------------------------------------------------------------- lr
     "lr.description": "un barrido de la tasa de aprendizaje con y sin BN",
