@@ -631,6 +631,7 @@ def test_converting_a_single_layer_returns_the_new_layer():
 
 DDP_SCRIPT = '''
 """A short DDP run of a small CNN with our SyncBatchNorm (and its 1-process reference)."""
+import os
 import sys
 from datetime import timedelta
 
@@ -684,14 +685,19 @@ def main(out):
     dist.all_reduce(losses)
     if rank == 0:
         torch.save({"losses": losses / world, "state": model.module.state_dict()}, out)
-    # Free DDP (its reducer holds gloo work) while the interpreter is alive: a
-    # gloo object destroyed during interpreter shutdown can abort the process.
+    dist.barrier()  # rank 0 has written the result
     del model
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # gloo's C++ objects can abort the process while the interpreter shuts
+    # down ("terminate called without an active exception"); the work is
+    # done and saved, so leave without running those destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 '''
 
 
