@@ -16,6 +16,7 @@ the portable path).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
 
@@ -42,7 +43,12 @@ def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
     if name == "torch":
         return None
     if name == "cpu":
-        return f"the fused CPU backend {_NOT_BUILT}"
+        if x.device.type != "cpu":
+            return f"the fused CPU backend runs on CPU tensors, got a tensor on {x.device}"
+        if not _numba_importable():
+            return ("the fused CPU backend needs Numba, which is not installed "
+                    "(pip install 'batchnorm[cpu]')")
+        return None
     if name == "triton":
         if x.device.type != "cuda":
             return f"the Triton backend runs on CUDA tensors, got a tensor on {x.device}"
@@ -72,7 +78,21 @@ def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
     return _load(name)
 
 
+def _numba_importable() -> bool:
+    global _NUMBA
+    if _NUMBA is None:
+        _NUMBA = importlib.util.find_spec("numba") is not None
+    return _NUMBA
+
+
+_NUMBA: bool | None = None
+
+
 def _load(name: str) -> ModuleType:
     if name == "torch":
         return torch_ops
+    if name == "cpu":
+        from .kernels import cpu
+
+        return cpu
     raise RuntimeError(f"backend={name!r} cannot run: it {_NOT_BUILT}")

@@ -187,18 +187,9 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, eps,
                 activation, negative_slope, ops):
-        cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        C = input.shape[1]
-        if not training:
-            mean, var = running_mean.to(cdtype), running_var.to(cdtype)
-        elif input.numel() == 0:
-            mean = torch.zeros(C, dtype=cdtype, device=input.device)
-            var = torch.ones(C, dtype=cdtype, device=input.device)
-        else:
-            mean, var = ops.batch_stats(input)
-        invstd = torch.rsqrt(var + eps)
-        out, act_saved = ops.normalize(input, mean, invstd, weight, bias, residual,
-                                       activation, negative_slope)
+        out, act_saved, mean, var, invstd = ops.forward(
+            input, running_mean, running_var, weight, bias, residual, training, eps,
+            activation, negative_slope)
         ctx.save_for_backward(input, weight, bias, residual, mean, invstd, act_saved)
         ctx.training, ctx.eps = training, eps
         ctx.activation, ctx.negative_slope, ctx.ops = activation, negative_slope, ops

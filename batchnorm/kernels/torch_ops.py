@@ -1,9 +1,12 @@
 """The portable backend: batch norm composed of plain tensor primitives.
 
 Runs wherever PyTorch runs (any device, any dtype PyTorch supports) and never
-calls PyTorch's batch-norm ops. Every backend exposes the same four functions,
+calls PyTorch's batch-norm ops. Every backend exposes the same functions,
 so :mod:`batchnorm.functional` can swap them:
 
+* ``forward(x, running_mean, running_var, weight, bias, residual, training,
+  eps, activation, negative_slope) -> (out, act_saved, mean, var, invstd)``:
+  the whole forward, which a backend may fuse (this one composes the next two);
 * ``batch_stats(x) -> (mean, var)``: per-channel mean and biased variance;
 * ``normalize(x, mean, invstd, weight, bias, residual, activation, negative_slope)
   -> (out, act_saved)``: the apply pass with the fused epilogue;
@@ -190,6 +193,30 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hi = (hi.double() + channel_view(lo, nd).double()).to(cdtype)
     var = ex2.sub_(lo2).clamp_(min=0)
     return hi.flatten().double() + lo.double(), var
+
+
+def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
+            activation, negative_slope):
+    """The whole forward: statistics (batch or running), then :func:`normalize`.
+
+    Returns:
+        ``(out, act_saved, mean, var, invstd)``: the output and what the
+        backward needs from the activation (see :func:`normalize`), and the
+        per-channel statistics used (batch ``mean``/biased ``var`` in training,
+        the running ones otherwise; an empty batch gives mean 0 and var 1).
+    """
+    cdtype = compute_dtype(x.dtype)
+    if not training:
+        mean, var = running_mean.to(cdtype), running_var.to(cdtype)
+    elif x.numel() == 0:
+        mean = torch.zeros(x.shape[1], dtype=cdtype, device=x.device)
+        var = torch.ones(x.shape[1], dtype=cdtype, device=x.device)
+    else:
+        mean, var = batch_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    out, act_saved = normalize(x, mean, invstd, weight, bias, residual, activation,
+                               negative_slope)
+    return out, act_saved, mean, var, invstd
 
 
 def split_mean(mean: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,322 @@
+"""The fused CPU backend: batch norm in Numba kernels (``pip install batchnorm[cpu]``).
+
+The same functions as :mod:`batchnorm.kernels.torch_ops` (see that module for
+the contract), plus the fused :func:`forward` that the autograd function uses:
+one parallel pass for the statistics and one for the output, with the
+residual and the activation fused into it; a backward of one reduction pass
+and one elementwise pass. Inputs of another layout (an arbitrary permutation)
+or dtype (float16, bfloat16: Numba has no such types) run on the portable
+path, per call, with the same results contract.
+
+Threads: every call runs on ``torch.get_num_threads()`` Numba threads, so a
+program that limits PyTorch (``torch.set_num_threads(1)``) limits these
+kernels too, and the two pools never run at the same time.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .. import torch_ops
+from . import _kernels as K
+
+# Portable-path functions with nothing CPU-specific.
+update_running_stats = torch_ops.update_running_stats
+compute_dtype = torch_ops.compute_dtype
+
+DTYPES = (torch.float32, torch.float64)
+
+# Re-centre the shifted sums when the shift was this many standard deviations
+# (squared) from the mean: below it float64 loses < 1e-10 relative.
+_RECENTRE = 1e6
+
+
+def _sync_threads() -> int:
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+class _View:
+    """``x`` as a C-contiguous NumPy array: planar ``(N, C, L)`` or rows ``(M, C)``."""
+
+    __slots__ = ("kind", "shape", "perm")
+
+    def __init__(self, kind, shape, perm):
+        self.kind, self.shape, self.perm = kind, shape, perm
+
+    def of(self, t: torch.Tensor) -> np.ndarray:
+        """The same view of ``t`` (which has ``x``'s shape and strides)."""
+        t = t.detach()
+        if self.perm is not None:
+            t = t.permute(self.perm)
+        return t.numpy().reshape(self.shape)
+
+    def like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``t`` with ``x``'s layout (a copy only when it differs)."""
+        if t.stride() == x.stride() and t.dtype == x.dtype:
+            return t
+        return torch.empty_like(x).copy_(t)
+
+
+def _view(x: torch.Tensor) -> _View | None:
+    """How the kernels see ``x``, or ``None`` when they cannot (the portable path runs)."""
+    if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0:
+        return None
+    N, C = x.shape[0], x.shape[1]
+    L = x.numel() // (N * C)
+    if x.is_contiguous():
+        if L == 1:
+            return _View("rows", (N, C), None)
+        return _View("planar", (N, C, L), None)
+    perm = (0, *range(2, x.dim()), 1)
+    if x.permute(perm).is_contiguous():
+        return _View("rows", (N * L, C), perm)
+    return None
+
+
+def _blocks(M: int, threads: int) -> int:
+    return max(1, min(M, 4 * threads))
+
+
+def _empty_like(x, dtype=None):
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _dummy(v: _View, dtype) -> np.ndarray:
+    return np.empty((0,) * len(v.shape), dtype=dtype)
+
+
+def _np_dtype(dtype: torch.dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _shifted_stats(v: _View, xv: np.ndarray, threads: int, shift: np.ndarray):
+    """``(lo, ex2)``: per-channel ``mean(x - shift)`` and ``mean((x - shift)^2)``."""
+    C = v.shape[1]
+    if v.kind == "planar":
+        part = np.empty((v.shape[0], C, 2))
+        K.shifted_sums_planar(xv, shift, part)
+        sums = part.sum(axis=0).T
+    else:
+        part = np.empty((_blocks(v.shape[0], threads), 2, C))
+        K.shifted_sums_rows(xv, shift, part)
+        sums = part.sum(axis=0)
+    m = xv.size // C
+    return sums[0] / m, sums[1] / m
+
+
+def _stats(v: _View, xv: np.ndarray, threads: int):
+    """Float64 ``(mean, var)`` per channel: shifted sums around one value of the
+    channel, again around the mean found if that value was an outlier."""
+    shift = (xv[0, :, 0] if v.kind == "planar" else xv[0]).astype(np.float64)
+    lo, ex2 = _shifted_stats(v, xv, threads, shift)
+    var = ex2 - lo * lo
+    if np.any(lo * lo > _RECENTRE * var):
+        shift = shift + lo
+        lo, ex2 = _shifted_stats(v, xv, threads, shift)
+        var = ex2 - lo * lo
+    return shift + lo, np.maximum(var, 0.0)
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean (float64) and biased variance (compute dtype) of ``x``."""
+    v = _view(x)
+    if v is None:
+        return torch_ops.batch_stats(x)
+    threads = _sync_threads()
+    mean, var = _stats(v, v.of(x), threads)
+    return torch.from_numpy(mean), torch.from_numpy(var).to(x.dtype)
+
+
+def _affine(mean: np.ndarray, invstd: np.ndarray, weight, bias, ndt):
+    """``hi, scale, shift`` (compute dtype) with ``weight * (x - mean) * invstd + bias
+    == (x - hi) * scale + shift``."""
+    scale = invstd if weight is None else invstd * weight.detach().numpy().astype(ndt)
+    hi = mean.astype(ndt)
+    lo = (mean - hi).astype(ndt)
+    shift = -lo * scale
+    if bias is not None:
+        shift = shift + bias.detach().numpy().astype(ndt)
+    return hi, np.ascontiguousarray(scale, ndt), np.ascontiguousarray(shift, ndt)
+
+
+def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope, threads):
+    ndt = xv.dtype
+    out = _empty_like(x)
+    save_pre = not K.saves_output(activation, negative_slope)
+    pre = _empty_like(x) if save_pre else None
+    has_res = residual is not None
+    res = v.of(v.like(residual, x)) if has_res else _dummy(v, ndt)
+    args = (xv, hi, scale, shift, res, has_res, v.of(out),
+            v.of(pre) if save_pre else _dummy(v, ndt), save_pre, K.ACT[activation],
+            K.constants(ndt, negative_slope))
+    if v.kind == "planar":
+        K.normalize_planar(*args)
+    else:
+        K.normalize_rows(*args, _blocks(v.shape[0], threads))
+    act_saved = None if activation is None else (pre if save_pre else out)
+    return out, act_saved
+
+
+def normalize(x, mean, invstd, weight, bias, residual=None, activation=None,
+              negative_slope=0.01):
+    """``act(weight * (x - mean) * invstd + bias + residual)``; see torch_ops.normalize."""
+    v = _view(x)
+    if v is None:
+        return torch_ops.normalize(x, mean, invstd, weight, bias, residual, activation,
+                                   negative_slope)
+    threads = _sync_threads()
+    ndt = _np_dtype(x.dtype)
+    hi, scale, shift = _affine(mean.detach().double().numpy(),
+                               invstd.detach().numpy().astype(ndt), weight, bias, ndt)
+    return _normalize(v, x, v.of(x), hi, scale, shift, residual, activation, negative_slope,
+                      threads)
+
+
+def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
+            activation, negative_slope):
+    """The whole forward: ``(out, act_saved, mean, var, invstd)``; see torch_ops.forward."""
+    v = _view(x)
+    if v is None:
+        return torch_ops.forward(x, running_mean, running_var, weight, bias, residual,
+                                 training, eps, activation, negative_slope)
+    threads = _sync_threads()
+    ndt = _np_dtype(x.dtype)
+    xv = v.of(x)
+    if training:
+        mean, var = _stats(v, xv, threads)
+    else:
+        mean = running_mean.detach().numpy().astype(ndt)
+        var = running_var.detach().numpy().astype(ndt)
+    invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(ndt)
+    hi, scale, shift = _affine(mean.astype(np.float64), invstd, weight, bias, ndt)
+    out, act_saved = _normalize(v, x, xv, hi, scale, shift, residual, activation,
+                                negative_slope, threads)
+    return (out, act_saved, torch.from_numpy(np.asarray(mean)),
+            torch.from_numpy(np.asarray(var, dtype=ndt)), torch.from_numpy(invstd))
+
+
+# ---------------------------------------------------------------- backward
+
+def _grad_sums(v, dyv, xv, av, hi, code, k, gv, keep_g, threads):
+    """Float64 ``(sum(g), sum(g * (x - hi)))`` per channel."""
+    C = v.shape[1]
+    if v.kind == "planar":
+        part = np.empty((v.shape[0], C, 2))
+        K.grad_sums_planar(dyv, xv, av, hi, code, k, gv, keep_g, part)
+        return part.sum(axis=0).T
+    part = np.empty((_blocks(v.shape[0], threads), 2, C))
+    K.grad_sums_rows(dyv, xv, av, hi, code, k, gv, keep_g, part)
+    return part.sum(axis=0)
+
+
+class _Grad:
+    """The arrays both backward passes read, in the kernels' view."""
+
+    def __init__(self, v, grad_out, x, mean, act_saved, activation, negative_slope):
+        self.v = v
+        self.ndt = _np_dtype(x.dtype)
+        self.threads = _sync_threads()
+        self.x = x
+        self.dy = v.of(v.like(grad_out, x))
+        self.xv = v.of(x)
+        self.code = K.ACT[activation]
+        self.a = v.of(v.like(act_saved, x)) if activation is not None else _dummy(v, self.ndt)
+        self.k = K.constants(self.ndt, negative_slope)
+        m = mean.detach().double().numpy()
+        self.hi = m.astype(self.ndt)
+        self.lo = m - self.hi  # float64
+
+    def sums(self, keep_g):
+        """``(sum_g, sum_gxc, g)``: float64 sums (centred on the exact mean) and
+        the full-size ``g`` when ``keep_g``."""
+        v = self.v
+        g = _empty_like(self.x) if keep_g else None
+        gv = v.of(g) if keep_g else _dummy(v, self.ndt)
+        s = _grad_sums(v, self.dy, self.xv, self.a, self.hi, self.code, self.k, gv, keep_g,
+                       self.threads)
+        sum_g, sum_gxc = s[0], s[1] - self.lo * s[0]
+        return sum_g, sum_gxc, g
+
+    def grad_input(self, invstd, weight, sum_g, sum_gxc, count, training, g=None):
+        ndt, v = self.ndt, self.v
+        inv = invstd.detach().double().numpy()
+        scale = inv if weight is None else inv * weight.detach().double().numpy()
+        if training:
+            m = max(count, 1)
+            kx = -scale * inv * inv * np.asarray(sum_gxc, np.float64) / m
+            c0 = -scale * np.asarray(sum_g, np.float64) / m - kx * self.lo
+        else:
+            kx = c0 = scale
+        dx = _empty_like(self.x)
+        use_g = g is not None
+        args = (self.dy, self.xv, self.a, self.hi, self.code, self.k,
+                v.of(g) if use_g else _dummy(v, ndt), use_g, kx.astype(ndt), c0.astype(ndt),
+                scale.astype(ndt), bool(training), v.of(dx))
+        if v.kind == "planar":
+            K.grad_input_planar(*args)
+        else:
+            K.grad_input_rows(*args, _blocks(v.shape[0], self.threads))
+        return dx
+
+
+def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
+             negative_slope=0.01, training=True, needs_input_grad=(True, True, True, True)):
+    """Analytic backward; see torch_ops.backward."""
+    v = _view(x)
+    if v is None:
+        return torch_ops.backward(grad_out, x, mean, invstd, weight, act_saved, activation,
+                                  negative_slope, training, needs_input_grad)
+    need_x, need_w, need_b, need_r = needs_input_grad
+    grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
+    sum_g = sum_gxc = g = None
+    if need_b or need_w or need_r or (need_x and training):
+        sum_g, sum_gxc, g = grad.sums(keep_g=need_r)
+    grad_input = None
+    if need_x:
+        grad_input = grad.grad_input(invstd, weight, sum_g, sum_gxc, _count(x), training, g)
+    cdtype = invstd.dtype
+    grad_weight = (torch.from_numpy(sum_gxc * invstd.detach().double().numpy()).to(cdtype)
+                   if need_w else None)
+    grad_bias = torch.from_numpy(sum_g).to(cdtype) if need_b else None
+    return grad_input, grad_weight, grad_bias, (g if need_r else None)
+
+
+def backward_reduce(grad_out, x, mean, act_saved=None, activation=None, negative_slope=0.01,
+                    need_gxc=True, keep_g=False):
+    """The per-channel sums of this ``x`` alone; see torch_ops.backward_reduce."""
+    v = _view(x)
+    if v is None:
+        return torch_ops.backward_reduce(grad_out, x, mean, act_saved, activation,
+                                         negative_slope, need_gxc, keep_g)
+    grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
+    sum_g, sum_gxc, g = grad.sums(keep_g)
+    cdtype = compute_dtype(x.dtype)
+    return (torch.from_numpy(sum_g).to(cdtype),
+            torch.from_numpy(sum_gxc).to(cdtype) if need_gxc else None, g)
+
+
+def backward_elementwise(grad_out, x, mean, invstd, weight, sum_g, sum_gxc, count,
+                         act_saved=None, activation=None, negative_slope=0.01, training=True,
+                         g=None):
+    """``grad_input`` from given per-channel sums; see torch_ops.backward_elementwise."""
+    v = _view(x)
+    if v is None:
+        return torch_ops.backward_elementwise(grad_out, x, mean, invstd, weight, sum_g,
+                                              sum_gxc, count, act_saved, activation,
+                                              negative_slope, training, g)
+    grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
+    if training:
+        sum_g = sum_g.detach().double().numpy()
+        sum_gxc = sum_gxc.detach().double().numpy()
+    if g is not None:
+        g = v.like(g, x)
+    return grad.grad_input(invstd, weight, sum_g, sum_gxc, count, training, g)
+
+
+def _count(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
