@@ -11,6 +11,15 @@ the moving variance is copied as is (the difference is a factor
 ``count / (count - 1)``, ``count`` being the values per channel in a training
 batch; negligible for image batches). Pass ``count=`` (``N * H * W`` of the
 training batches) to rescale by that factor, or back by its inverse.
+
+Renorm layers (``renorm=True``) hold three more weights, which a torch BN
+``state_dict`` has no room for: ``keras_to_torch_state`` keeps the inference
+statistics only (``moving_mean``, ``moving_variance``, so eval outputs agree)
+and drops ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``;
+``torch_to_keras_weights(..., renorm=True, epsilon=...)`` rebuilds them from
+the running statistics, ``sqrt(var + epsilon)`` for both standard deviations
+(the renorm statistics then start where the population estimates are, as
+:class:`batchnorm.BatchRenorm2d`'s ``r`` and ``d`` do).
 """
 
 from __future__ import annotations
@@ -62,14 +71,18 @@ def keras_to_torch_state(layer, *, count=None, num_batches_tracked=0) -> dict:
     }
 
 
-def torch_to_keras_weights(state_dict, *, center=True, scale=True, count=None) -> list:
+def torch_to_keras_weights(state_dict, *, center=True, scale=True, count=None, renorm=False,
+                           epsilon=1e-3) -> list:
     """The list for ``layer.set_weights`` from a torch BN ``state_dict``.
 
     Order as Keras's: ``[gamma] + [beta] + [moving_mean, moving_variance]``,
     with ``gamma`` only if ``scale`` and ``beta`` only if ``center`` (the
     layer's arguments). ``running_var`` is copied as is, or divided by
     ``count / (count - 1)`` if ``count`` is given. A module without affine
-    parameters gives ones / zeros.
+    parameters gives ones / zeros. With ``renorm=True`` (for a layer built
+    with it) ``moving_stddev``, ``renorm_mean``, ``renorm_stddev`` follow:
+    ``sqrt(variance + epsilon)``, the mean, ``sqrt(variance + epsilon)``,
+    with the layer's ``epsilon``.
 
     Example:
         >>> import batchnorm.keras as bk, batchnorm
@@ -77,6 +90,9 @@ def torch_to_keras_weights(state_dict, *, center=True, scale=True, count=None) -
         >>> layer = bk.BatchNormalization(); layer.build((None, 3))
         >>> layer.set_weights(bk.torch_to_keras_weights(m.state_dict()))
     """
+    if renorm and not float(epsilon) > 0.0:
+        raise ValueError(f"epsilon must be positive, got {epsilon!r}")
+
     def array(key):
         return state_dict[key].detach().cpu().to(torch.float32).numpy()
 
@@ -88,5 +104,9 @@ def torch_to_keras_weights(state_dict, *, center=True, scale=True, count=None) -
     if center:
         weights.append(array("bias") if state_dict.get("bias") is not None
                        else np.zeros_like(mean))
-    weights += [mean, array("running_var") / np.float32(_variance_factor(count))]
+    variance = array("running_var") / np.float32(_variance_factor(count))
+    weights += [mean, variance]
+    if renorm:
+        stddev = np.sqrt(variance + np.float32(epsilon))
+        weights += [stddev, mean.copy(), stddev.copy()]
     return weights

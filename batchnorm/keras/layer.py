@@ -14,6 +14,12 @@ Moving statistics follow **Keras**, not PyTorch: in training,
 and the *biased* batch variance (PyTorch keeps the unbiased one). So the
 functional is called without running buffers in training, and the layer
 updates ``moving_mean`` / ``moving_variance`` itself with ``assign``.
+
+``renorm=True`` is Keras's Batch Renormalization (see
+:mod:`batchnorm.keras.renorm`): ``r`` and ``d`` from the layer's
+``renorm_mean`` / ``renorm_stddev``, folded into the affine parameters by
+:func:`batchnorm.nn.renorm.renorm_affine` (``gamma * r``, ``beta + gamma * d``,
+``r`` and ``d`` constants), then the same ``batch_norm`` call.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from keras import constraints, initializers, regularizers
 
 from ..functional import ACTIVATIONS, batch_norm
 from ..nn.ghost import check_virtual_batch_size, ghost_batch_norm, ghost_batch_sizes
+from ..nn.renorm import renorm_affine
+from .renorm import check_renorm_clipping, renorm_corrections
 
 __all__ = ["BatchNormalization"]
 
@@ -70,16 +78,40 @@ class BatchNormalization(keras.layers.Layer):
             moving statistics get one step per real batch with the
             size-weighted average of the ghost means and biased variances.
             Default: ``None``.
+        renorm: Keras's Batch Renormalization (Ioffe, 2017), as in Keras 2
+            and ``keras.layers.BatchNormalization(renorm=True)``: adds the
+            non-trainable weights ``moving_stddev``, ``renorm_mean``,
+            ``renorm_stddev`` (after ``moving_variance``, Keras's order); in
+            training the normalized values become ``xhat * r + d`` with
+            ``r = sigma_B / renorm_stddev`` and
+            ``d = (mu_B - renorm_mean) / renorm_stddev`` (pre-update values,
+            clipped, constants in the backward); ``moving_variance`` is then
+            ``moving_stddev**2 - epsilon``. Inference is unchanged. With
+            ``virtual_batch_size``, ``r`` and ``d`` come from the averaged
+            ghost statistics and correct every ghost batch (Keras 2's rule).
+            See :mod:`batchnorm.keras.renorm`. Default: ``False``.
+        renorm_clipping: ``None`` or a dict with optional keys ``"rmax"``
+            (at least 1), ``"rmin"`` (in ``[0, 1]``), ``"dmax"`` (at least 0):
+            ``r`` is clipped to ``[rmin, rmax]``, ``d`` to ``[-dmax, dmax]``;
+            a missing key is no bound (``inf``, ``0``, ``inf``). Numbers only;
+            for a schedule, assign a new dict to ``layer.renorm_clipping``
+            between steps (validated the same way). Default: ``None``.
+        renorm_momentum: weight of the old ``renorm_mean`` /
+            ``renorm_stddev``, in ``[0, 1)``. Default: ``0.99``.
         **kwargs: Keras layer arguments (``name``, ``dtype``, ``trainable``...).
 
-    Not supported: Keras's ``renorm`` and ``synchronized`` (use
-    :class:`batchnorm.BatchRenorm2d` / :class:`batchnorm.SyncBatchNorm` on the
-    torch side), and masks (a ``mask`` raises ``NotImplementedError``).
+    Not supported: Keras's ``synchronized`` (use :class:`batchnorm.SyncBatchNorm`
+    on the torch side), and masks (a ``mask`` raises ``NotImplementedError``).
+    An empty batch (``N = 0``) in training updates no moving statistics.
 
     Raises:
         RuntimeError: Keras's backend is not torch.
-        ValueError: ``momentum`` outside ``[0, 1)``, ``epsilon <= 0``, an unknown
-            ``activation``, an ``axis`` out of range for the input.
+        TypeError: a non-int ``axis``, a ``renorm_clipping`` that is not a
+            dict of numbers.
+        ValueError: ``momentum`` or ``renorm_momentum`` outside ``[0, 1)``,
+            ``epsilon <= 0``, an unknown ``activation``, an ``axis`` out of
+            range for the input, unknown ``renorm_clipping`` keys or values
+            out of range.
     """
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
@@ -87,7 +119,8 @@ class BatchNormalization(keras.layers.Layer):
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, *, activation=None, negative_slope=0.01,
-                 virtual_batch_size=None, **kwargs):
+                 virtual_batch_size=None, renorm=False, renorm_clipping=None,
+                 renorm_momentum=0.99, **kwargs):
         _require_torch_backend()
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, int):
@@ -104,6 +137,11 @@ class BatchNormalization(keras.layers.Layer):
                              f"Received: activation={activation!r}")
         if virtual_batch_size is not None:
             check_virtual_batch_size(virtual_batch_size)
+        renorm_momentum = float(renorm_momentum)
+        if not 0.0 <= renorm_momentum < 1.0:
+            raise ValueError("Argument `renorm_momentum` must be in [0, 1). "
+                             f"Received: renorm_momentum={renorm_momentum}")
+        renorm_clipping = check_renorm_clipping(renorm_clipping)
         self.axis = axis
         self.momentum = momentum
         self.epsilon = epsilon
@@ -120,10 +158,27 @@ class BatchNormalization(keras.layers.Layer):
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self.virtual_batch_size = virtual_batch_size
+        self.renorm = bool(renorm)
+        self._renorm_clipping = renorm_clipping
+        self.renorm_momentum = renorm_momentum
         self.gamma = None
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.moving_stddev = None
+        self.renorm_mean = None
+        self.renorm_stddev = None
+
+    @property
+    def renorm_clipping(self):
+        """``None`` or the dict of clipping bounds (``rmax``, ``rmin``, ``dmax``)."""
+        return self._renorm_clipping
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, value):
+        # Validated like the constructor's argument, so a schedule that assigns
+        # a bad dict raises and leaves the previous bounds in place.
+        self._renorm_clipping = check_renorm_clipping(value)
 
     def _channel_axis(self, input_shape):
         ndim = len(input_shape)
@@ -155,8 +210,32 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_variance = self.add_weight(
             shape=shape, name="moving_variance",
             initializer=self.moving_variance_initializer, trainable=False, autocast=False)
+        if self.renorm:
+            self._build_renorm(shape)
         self.input_spec = keras.layers.InputSpec(ndim=len(input_shape),
                                                  axes={self.axis: input_shape[axis]})
+
+    def _build_renorm(self, shape):
+        """Keras's renorm weights, in its order, with its initial values."""
+        def fresh(initializer):
+            # A copy from its config, as Keras does, so that an unseeded random
+            # initializer gives new values for the second variable.
+            if isinstance(initializer, initializers.Initializer):
+                return initializer.__class__.from_config(initializer.get_config())
+            return initializer
+
+        def stddev_initializer(shape, dtype=None):
+            return keras.ops.sqrt(fresh(self.moving_variance_initializer)(shape, dtype=dtype))
+
+        self.moving_stddev = self.add_weight(
+            shape=shape, name="moving_stddev", initializer=stddev_initializer,
+            trainable=False, autocast=False)
+        self.renorm_mean = self.add_weight(
+            shape=shape, name="renorm_mean", initializer=fresh(self.moving_mean_initializer),
+            trainable=False, autocast=False)
+        self.renorm_stddev = self.add_weight(
+            shape=shape, name="renorm_stddev", initializer=stddev_initializer,
+            trainable=False, autocast=False)
 
     def compute_output_shape(self, input_shape):
         self._channel_axis(input_shape)
@@ -175,6 +254,15 @@ class BatchNormalization(keras.layers.Layer):
         beta = self.beta.value.to(compute_dtype) if self.center else None
         kw = dict(activation=self.activation, negative_slope=self.negative_slope)
         if training and self.trainable:
+            # The batch moments feed r and d (renorm) and the moving statistics;
+            # the latter are assigned only after the forward succeeded.
+            # An empty batch has no moments: nothing is updated (PyTorch's rule).
+            moments = self._batch_moments(x.detach()) if x.numel() else None
+            if self.renorm and moments is not None:
+                r, d = renorm_corrections(*moments, self.renorm_mean.value,
+                                          self.renorm_stddev.value, self.renorm_clipping,
+                                          self.epsilon)
+                gamma, beta = renorm_affine(gamma, beta, r, d)
             if self.virtual_batch_size is None:
                 y = batch_norm(x, None, None, gamma, beta, True, 1.0 - self.momentum,
                                self.epsilon, **kw)
@@ -182,7 +270,8 @@ class BatchNormalization(keras.layers.Layer):
                 y = ghost_batch_norm(x, None, None, gamma, beta, True, 1.0 - self.momentum,
                                      self.epsilon, virtual_batch_size=self.virtual_batch_size,
                                      **kw)
-            self._update_moving_stats(x)
+            if moments is not None:
+                self._update_moving_stats(*moments)
         else:
             y = batch_norm(x, self.moving_mean.value.to(compute_dtype),
                            self.moving_variance.value.to(compute_dtype), gamma, beta, False,
@@ -205,13 +294,25 @@ class BatchNormalization(keras.layers.Layer):
         n = x.shape[0]
         return sum(means) / n, sum(variances) / n
 
-    def _update_moving_stats(self, x):
+    def _update_moving_stats(self, mean, var):
+        def average(variable, batch, m):
+            old = variable.value
+            new = old * m + batch.to(old.dtype) * (1.0 - m)
+            variable.assign(new)
+            return new
+
         with torch.no_grad():
-            mean, var = self._batch_moments(x.detach())
-            m = self.momentum
-            for variable, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
-                old = variable.value
-                variable.assign(old * m + batch.to(old.dtype) * (1.0 - m))
+            average(self.moving_mean, mean, self.momentum)
+            if not self.renorm:
+                average(self.moving_variance, var, self.momentum)
+                return
+            sigma_B = torch.sqrt(var + self.epsilon)
+            average(self.renorm_mean, mean, self.renorm_momentum)
+            average(self.renorm_stddev, sigma_B, self.renorm_momentum)
+            stddev = average(self.moving_stddev, sigma_B, self.momentum)
+            # Keras 2's rule: the inference variance follows the averaged stddev
+            # (relu: rounding must not make it negative).
+            self.moving_variance.assign(torch.relu(stddev * stddev - self.epsilon))
 
     def get_config(self):
         config = {
@@ -232,5 +333,9 @@ class BatchNormalization(keras.layers.Layer):
             "activation": self.activation,
             "negative_slope": self.negative_slope,
             "virtual_batch_size": self.virtual_batch_size,
+            "renorm": self.renorm,
+            "renorm_clipping": (None if self.renorm_clipping is None
+                                else dict(self.renorm_clipping)),
+            "renorm_momentum": self.renorm_momentum,
         }
         return {**super().get_config(), **config}
