@@ -13,7 +13,8 @@ layer raises a ``RuntimeError`` naming that backend when it is constructed (use
 importing this module sets ``KERAS_BACKEND=torch`` unless the variable is
 already set.
 
-See :mod:`batchnorm.keras.layer` for the layer and
+See :mod:`batchnorm.keras.layer` for the layer, :mod:`batchnorm.keras.renorm`
+for Keras's Batch Renormalization rule (``renorm=True``) and
 :mod:`batchnorm.keras.convert` for the weight converters.
 """
 

@@ -56,6 +56,11 @@ def check_renorm_clipping(renorm_clipping):
             a schedule: assign a new dict to ``layer.renorm_clipping`` instead).
         ValueError: an unknown key, a NaN, ``rmax < 1``, ``rmin`` outside
             ``[0, 1]`` or ``dmax < 0``.
+
+    Example:
+        >>> from batchnorm.keras.renorm import check_renorm_clipping
+        >>> check_renorm_clipping({"rmax": 3, "dmax": 5})
+        {'rmax': 3.0, 'dmax': 5.0}
     """
     if renorm_clipping is None:
         return None
