@@ -1,6 +1,6 @@
 """Batch Normalization for PyTorch, implemented end to end.
 
-Public API: the functional op, the drop-in modules, and the reference.
+Public API: the functional op, the drop-in modules, the model tools, and the reference.
 """
 
 from . import reference
@@ -28,6 +28,13 @@ from .nn import (
     ghost_batch_norm,
     revert_sync_batchnorm,
 )
+from .tools import (
+    convert_batchnorm,
+    fold_batchnorm,
+    freeze_batchnorm,
+    recalibrate_batchnorm,
+    unfreeze_batchnorm,
+)
 
 __version__ = "0.1.0"
 
@@ -50,9 +57,14 @@ __all__ = [
     "SyncBatchNorm",
     "batch_norm",
     "batch_renorm",
+    "convert_batchnorm",
     "convert_frozen_batchnorm",
     "convert_sync_batchnorm",
+    "fold_batchnorm",
+    "freeze_batchnorm",
     "ghost_batch_norm",
+    "recalibrate_batchnorm",
     "reference",
     "revert_sync_batchnorm",
+    "unfreeze_batchnorm",
 ]
