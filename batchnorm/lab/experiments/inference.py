@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from ...tools import recalibrate_batchnorm
 from ..results import ExperimentResult, Figure, Panel, Series
 from ..runner import Lab
 from ..train import evaluate
@@ -25,24 +26,6 @@ def shift_images(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 + 0.25
 
 
-@torch.no_grad()
-def recompute_running_stats(model: torch.nn.Module, x: torch.Tensor, batch_size=250) -> None:
-    """Re-estimate every BN layer's running statistics on ``x`` (cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # equal weight for every batch
-    was_training = model.training
-    model.train()
-    device = next(model.parameters()).device
-    for i in range(0, len(x), batch_size):
-        model(x[i:i + batch_size].to(device))
-    for m, momentum in zip(bns, saved, strict=True):
-        m.momentum = momentum
-    model.train(was_training)
-
-
 @experiment("modes")
 def modes(lab: Lab) -> ExperimentResult:
     t, term = lab.t, lab.term
@@ -58,7 +41,8 @@ def modes(lab: Lab) -> ExperimentResult:
     batched = acc(model)
     single = acc(model, batch_size=1)
     recalibrated_model = copy.deepcopy(model)
-    recompute_running_stats(recalibrated_model, shift_images(data.x_train))
+    # Precise BN on the shifted training images: the exact statistics of the new data.
+    recalibrate_batchnorm(recalibrated_model, shift_images(data.x_train).split(250))
     measured = [
         (term("modes.eval"), batched),
         (term("modes.train_500"), acc(model, train_mode=True, batch_size=500)),
