@@ -30,6 +30,7 @@ from .nn import (
 )
 from .tools import (
     convert_batchnorm,
+    doctor,
     fold_batchnorm,
     freeze_batchnorm,
     recalibrate_batchnorm,
@@ -60,6 +61,7 @@ __all__ = [
     "convert_batchnorm",
     "convert_frozen_batchnorm",
     "convert_sync_batchnorm",
+    "doctor",
     "fold_batchnorm",
     "freeze_batchnorm",
     "ghost_batch_norm",

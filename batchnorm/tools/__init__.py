@@ -1,6 +1,7 @@
 """Tools around batch norm: convert, fold, freeze, recalibrate, diagnose and monitor models."""
 
 from .convert import FusedActivation, convert_batchnorm
+from .doctor import doctor
 from .fold import fold_batchnorm, fold_conv_bn, fold_conv_bn_weights
 from .freeze import freeze_batchnorm, frozen_batchnorm, unfreeze_batchnorm
 from .monitor import ActivationMonitor, activation_stats
@@ -11,6 +12,7 @@ __all__ = [
     "FusedActivation",
     "activation_stats",
     "convert_batchnorm",
+    "doctor",
     "fold_batchnorm",
     "fold_conv_bn",
     "fold_conv_bn_weights",
