@@ -29,6 +29,13 @@ def is_foreign_frozen(m: nn.Module) -> bool:
             and isinstance(getattr(m, "running_var", None), torch.Tensor))
 
 
+def is_timm_bn_act(m: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d``: ``nn.BatchNorm2d``'s state and op, then ``drop``, ``act``."""
+    return (type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
+            and isinstance(getattr(m, "act", None), nn.Module)
+            and isinstance(getattr(m, "drop", None), nn.Module))
+
+
 def is_batchnorm(m: nn.Module) -> bool:
     """Whether ``m`` is a batch-norm layer (see the module docstring)."""
     return isinstance(m, (_BatchNorm, FrozenBatchNorm)) or is_foreign_frozen(m)

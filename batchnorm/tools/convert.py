@@ -45,6 +45,7 @@ from ._common import (
     display,
     is_batchnorm,
     is_foreign_frozen,
+    is_timm_bn_act,
     occurrences,
     require_batchnorm,
     sequential_pairs,
@@ -86,13 +87,6 @@ def _unknown_subclass(m: nn.Module) -> str:
     return f"is a {_qualname(m)}, a subclass whose behaviour the conversion cannot keep"
 
 
-def _is_timm_bn_act(m: nn.Module) -> bool:
-    """timm's ``BatchNormAct2d``: ``nn.BatchNorm2d``'s state, then ``drop`` and ``act``."""
-    return (type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
-            and isinstance(getattr(m, "act", None), nn.Module)
-            and isinstance(getattr(m, "drop", None), nn.Module))
-
-
 def _bn_args(m):
     return (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
 
@@ -108,7 +102,7 @@ def _to_ours(m: nn.Module):
         new = SyncBatchNorm(*_bn_args(m), m.process_group, device="meta",
                             bias=m.bias is not None)
         return _move_state(m, new), None
-    if _is_timm_bn_act(m):
+    if is_timm_bn_act(m):
         if type(m.drop) is not nn.Identity:
             return None, f"is timm's BatchNormAct2d with a drop layer ({m.drop!r}) between " \
                          "the BN and its activation"
@@ -345,10 +339,15 @@ def _plan_fusions(root, graph_mode, first, problems):
             bn = root.get_submodule(node.target)
             if not fusable(bn) or len(node.users) != 1:
                 continue
-            user = next(iter(node.users))
-            act = activation_of_node(user, root) if user.args[:1] == (node,) else None
+            # Look through identities (timm's drop_block=None, a disabled dropout).
+            prev, user = node, next(iter(node.users))
+            while (user.op == "call_module" and user.args == (prev,) and not user.kwargs
+                   and type(root.get_submodule(user.target)) is nn.Identity
+                   and len(user.users) == 1):
+                prev, user = user, next(iter(user.users))
+            act = activation_of_node(user, root) if user.args[:1] == (prev,) else None
             if act is not None:
-                plans.append((bn, act, node, user, None))
+                plans.append((bn, act, node, user, prev))
         return plans
     shared = occurrences(root)
     for seq, _, a, key, b in sequential_pairs(root):
@@ -399,8 +398,8 @@ def _replace(root: nn.Module, final: dict[int, nn.Module]) -> nn.Module:
 
 def _rewrite_graph(gm: fx.GraphModule, fusions, unfusions) -> None:
     graph = gm.graph
-    for _, _, node, user, _ in fusions:
-        user.replace_all_uses_with(node)
+    for _, _, _, user, prev in fusions:
+        user.replace_all_uses_with(prev)
         graph.erase_node(user)
     for _, node, act in unfusions:
         fn, extra = activation_call(*act)

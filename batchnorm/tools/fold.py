@@ -29,11 +29,15 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ..nn.batchnorm import _OursMixin
+from ..nn.frozen import FrozenBatchNorm
 from ._common import (
     activation_module,
     call_sites,
     display,
     is_batchnorm,
+    is_foreign_frozen,
+    is_timm_bn_act,
     require_batchnorm,
     sequential_pairs,
     set_submodule,
@@ -47,6 +51,7 @@ __all__ = ["FOLDABLE_LAYERS", "fold_batchnorm", "fold_conv_bn", "fold_conv_bn_we
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d, nn.Linear)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def fold_conv_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None,
@@ -153,8 +158,18 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_channels
 
 
+def _known(bn: nn.Module) -> bool:
+    """Whether ``bn``'s inference output is the BN formula (then its fused or attached
+    activation): PyTorch's exact classes, ours, frozen layers, timm's ``BatchNormAct2d``."""
+    return (type(bn) in _TORCH_BN or isinstance(bn, (_OursMixin, FrozenBatchNorm))
+            or is_foreign_frozen(bn) or is_timm_bn_act(bn))
+
+
 def _pair_why_not(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why ``bn`` cannot go into ``layer`` (``None``: it can)."""
+    if not _known(bn):
+        return (f"is a {type(bn).__module__}.{type(bn).__qualname__}, a subclass whose "
+                "inference output fold cannot know")
     if type(layer) not in FOLDABLE_LAYERS:
         return f"follows a {type(layer).__name__}, not a conv or linear layer"
     if getattr(bn, "axis", 1) != 1:
@@ -196,7 +211,10 @@ def fold_conv_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 def _after(bn: nn.Module) -> nn.Module:
-    """What stays where ``bn`` was: its fused activation as a module, or an identity."""
+    """What stays where ``bn`` was: its fused activation as a module (timm's drop and act
+    modules), or an identity."""
+    if is_timm_bn_act(bn):
+        return bn.act if type(bn.drop) is nn.Identity else nn.Sequential(bn.drop, bn.act)
     activation = getattr(bn, "activation", None)
     if activation is None:
         return nn.Identity()
@@ -352,7 +370,7 @@ def _fold_graph(gm: fx.GraphModule, plan) -> fx.GraphModule:
         if residual is not None:
             with graph.inserting_before(node):
                 out = graph.call_function(torch.add, (prev, residual))
-        if getattr(bn, "activation", None) is not None:
+        if getattr(bn, "activation", None) is not None or is_timm_bn_act(bn):
             set_submodule(gm, node.target, _after(bn))
             node.args, node.kwargs = (out,), {}
         else:

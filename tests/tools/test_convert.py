@@ -322,3 +322,21 @@ def test_fx_fusion_of_an_untraceable_model_is_a_clear_error():
 
     with pytest.raises(TypeError, match="cannot be traced with torch.fx"):
         convert_batchnorm(DataDependent(), fuse_activation="fx")
+
+
+def test_fx_fusion_looks_through_identities():
+    class Block(nn.Module):  # timm's BasicBlock: bn1 -> drop_block (Identity) -> act1
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.drop_block = nn.Identity()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.drop_block(self.bn(x)))
+
+    model = randomize(Block())
+    gm = convert_batchnorm(model, fuse_activation="fx")
+    assert gm.bn.activation == "relu"
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["bn", "drop_block"]
+    check_same_computation(model, gm, example())

@@ -292,3 +292,29 @@ def test_small_resnet_sequential_only_folds_the_stem_and_shortcuts():
     fold_batchnorm(model, trace=False)
     left = sorted(n for n, m in model.named_modules() if is_batchnorm(m))
     assert left == ["blocks.0.bn1", "blocks.0.bn2", "blocks.1.bn1", "blocks.1.bn2"]
+
+
+def test_timm_style_bn_act_keeps_its_activation_and_unknown_subclasses_stay():
+    class BatchNormAct2d(nn.BatchNorm2d):  # timm's layout: BN state, then drop and act
+        def __init__(self, c):
+            super().__init__(c)
+            self.drop, self.act = nn.Identity(), nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.drop(super().forward(x)))
+
+    class Doubled(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4),
+                                    nn.Conv2d(4, 4, 1), Doubled(4))).eval()
+    x = example()
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(ValueError, match=r"3 is a .*Doubled, a subclass whose inference"):
+        fold_batchnorm(model, strict=True)
+    out = fold_batchnorm(model)  # the Doubled layer is left: auto tries the traced graph
+    assert type(out.get_submodule("1")) is nn.SiLU and type(out.get_submodule("3")) is Doubled
+    with torch.no_grad():
+        assert_close(out(x), want, **F32, name="timm-style")
