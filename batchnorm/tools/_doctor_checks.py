@@ -374,6 +374,8 @@ def _staleness(m: nn.Module, call: LayerCall) -> tuple[float, float] | None:
     rv = m.running_var.detach().to("cpu", torch.float64) + m.eps
     if not (torch.isfinite(rm).all() and torch.isfinite(rv).all() and (rv > 0).all()):
         return None  # BN009's business
+    if not (torch.isfinite(call.mean).all() and torch.isfinite(call.var).all()):
+        return None  # the consequence of a non-finite layer upstream
     shift = (call.mean - rm) / rv.sqrt()
     rms = math.sqrt(float((shift**2 + call.var / rv).mean()))
     lo, hi = STALE_RMS_RANGE
