@@ -12,6 +12,11 @@ import torch
 from helpers import TOL, assert_close, make_input, memory_format_for
 
 import batchnorm
+from batchnorm._backend import unavailable_reason
+
+# Every backend that can run here: the portable path always, the fused CPU
+# kernels when Numba is installed (the dev extra installs it).
+BACKENDS = [b for b in ("torch", "cpu") if unavailable_reason(b, torch.empty(0)) is None]
 
 SPATIAL = {2: [()], 3: [(1,), (7,)], 4: [(1, 1), (3, 5)], 5: [(1, 1, 1), (2, 3, 3)]}
 CLASSES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
@@ -36,11 +41,12 @@ def _cases():
                 yield shape, dtype, cl
 
 
-def _make_pair(shape, dtype, affine, track, momentum):
+def _make_pair(shape, dtype, affine, track, momentum, backend="auto"):
     name = CLASSES[len(shape)]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     kw = dict(affine=affine, track_running_stats=track, momentum=momentum, dtype=param_dtype)
-    ours, theirs = getattr(batchnorm, name)(shape[1], **kw), getattr(torch.nn, name)(shape[1], **kw)
+    ours = getattr(batchnorm, name)(shape[1], backend=backend, **kw)
+    theirs = getattr(torch.nn, name)(shape[1], **kw)
     if affine:  # non-trivial parameters so their gradients matter
         with torch.no_grad():
             for m in (ours, theirs):
@@ -76,9 +82,10 @@ def _assert_no_worse_than_torch(ours, theirs, exact, atol, name):
 
 @pytest.mark.parametrize("affine,track,momentum", OPTIONS)
 @pytest.mark.parametrize("shape,dtype,channels_last", list(_cases()))
-def test_module_matches_torch_nn(shape, dtype, channels_last, affine, track, momentum):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_matches_torch_nn(backend, shape, dtype, channels_last, affine, track, momentum):
     fmt = memory_format_for(len(shape), channels_last)
-    ours, theirs = _make_pair(shape, dtype, affine, track, momentum)
+    ours, theirs = _make_pair(shape, dtype, affine, track, momentum, backend)
     exact = _make_pair(shape, torch.float64, affine, track, momentum)[1]
     # Below float64, tensors are judged against a float64 run: tiny batches
     # (N=2, near-equal values) are ill-conditioned for any float32 kernel.

@@ -113,13 +113,14 @@ def _stats(v: _View, xv: np.ndarray, threads: int):
     """Float64 ``(mean, var)`` per channel: shifted sums around one value of the
     channel, again around the mean found if that value was an outlier."""
     shift = (xv[0, :, 0] if v.kind == "planar" else xv[0]).astype(np.float64)
-    lo, ex2 = _shifted_stats(v, xv, threads, shift)
-    var = ex2 - lo * lo
-    if np.any(lo * lo > _RECENTRE * var):
-        shift = shift + lo
+    with np.errstate(invalid="ignore"):  # NaN/Inf input: NaN statistics, as torch
         lo, ex2 = _shifted_stats(v, xv, threads, shift)
         var = ex2 - lo * lo
-    return shift + lo, np.maximum(var, 0.0)
+        if np.any(lo * lo > _RECENTRE * var):
+            shift = shift + lo
+            lo, ex2 = _shifted_stats(v, xv, threads, shift)
+            var = ex2 - lo * lo
+        return shift + lo, np.maximum(var, 0.0)
 
 
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,8 @@ def _affine(mean: np.ndarray, invstd: np.ndarray, weight, bias, ndt):
     == (x - hi) * scale + shift``."""
     scale = invstd if weight is None else invstd * weight.detach().numpy().astype(ndt)
     hi = mean.astype(ndt)
-    lo = (mean - hi).astype(ndt)
+    with np.errstate(invalid="ignore"):
+        lo = (mean - hi).astype(ndt)
     shift = -lo * scale
     if bias is not None:
         shift = shift + bias.detach().numpy().astype(ndt)
@@ -150,14 +152,15 @@ def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope,
     save_pre = not K.saves_output(activation, negative_slope)
     pre = _empty_like(x) if save_pre else None
     has_res = residual is not None
-    res = v.of(v.like(residual, x)) if has_res else _dummy(v, ndt)
-    args = (xv, hi, scale, shift, res, has_res, v.of(out),
-            v.of(pre) if save_pre else _dummy(v, ndt), save_pre, K.ACT[activation],
+    planar = v.kind == "planar"
+    kernel = K.specialised("normalize", planar, K.ACT[activation], has_res, save_pre)
+    args = (xv, hi, scale, shift, v.of(v.like(residual, x)) if has_res else _dummy(v, ndt),
+            v.of(out), v.of(pre) if save_pre else _dummy(v, ndt),
             K.constants(ndt, negative_slope))
-    if v.kind == "planar":
-        K.normalize_planar(*args)
+    if planar:
+        kernel(*args)
     else:
-        K.normalize_rows(*args, _blocks(v.shape[0], threads))
+        kernel(*args, _blocks(v.shape[0], threads))
     act_saved = None if activation is None else (pre if save_pre else out)
     return out, act_saved
 
@@ -205,12 +208,14 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
 def _grad_sums(v, dyv, xv, av, hi, code, k, gv, keep_g, threads):
     """Float64 ``(sum(g), sum(g * (x - hi)))`` per channel."""
     C = v.shape[1]
-    if v.kind == "planar":
+    planar = v.kind == "planar"
+    kernel = K.specialised("grad_sums", planar, code, keep_g)
+    if planar:
         part = np.empty((v.shape[0], C, 2))
-        K.grad_sums_planar(dyv, xv, av, hi, code, k, gv, keep_g, part)
+        kernel(dyv, xv, av, hi, k, gv, part)
         return part.sum(axis=0).T
     part = np.empty((_blocks(v.shape[0], threads), 2, C))
-    K.grad_sums_rows(dyv, xv, av, hi, code, k, gv, keep_g, part)
+    kernel(dyv, xv, av, hi, k, gv, part)
     return part.sum(axis=0)
 
 
@@ -254,13 +259,15 @@ class _Grad:
             kx = c0 = scale
         dx = _empty_like(self.x)
         use_g = g is not None
-        args = (self.dy, self.xv, self.a, self.hi, self.code, self.k,
-                v.of(g) if use_g else _dummy(v, ndt), use_g, kx.astype(ndt), c0.astype(ndt),
-                scale.astype(ndt), bool(training), v.of(dx))
-        if v.kind == "planar":
-            K.grad_input_planar(*args)
+        planar = v.kind == "planar"
+        kernel = K.specialised("grad_input", planar, self.code, use_g, bool(training))
+        args = (self.dy, self.xv, self.a, self.hi, self.k,
+                v.of(g) if use_g else _dummy(v, ndt), kx.astype(ndt), c0.astype(ndt),
+                scale.astype(ndt), v.of(dx))
+        if planar:
+            kernel(*args)
         else:
-            K.grad_input_rows(*args, _blocks(v.shape[0], self.threads))
+            kernel(*args, _blocks(v.shape[0], self.threads))
         return dx
 
 

@@ -55,43 +55,50 @@ def constants(dtype, negative_slope):
 
 
 @njit(inline="always")
-def _act(z, code, k):
+def _act(z, code, kk):
+    """``act(z)`` for activation ``code`` (a compile-time constant where
+    inlined); ``kk`` is the tuple of :func:`constants`."""
     if code == 0:
         return z
     if code == 1:
-        return k[ZERO] if z < k[ZERO] else z  # NaN stays NaN, as torch.relu
+        return kk[ZERO] if z < kk[ZERO] else z  # NaN stays NaN, as torch.relu
     if code == 2:
-        return z if z > k[ZERO] else z * k[SLOPE]
+        return z if z > kk[ZERO] else z * kk[SLOPE]
     if code == 3:
-        return z / (k[ONE] + math.exp(-z))
+        return z / (kk[ONE] + math.exp(-z))
     if code == 4:
-        return k[HALF] * z * (k[ONE] + math.erf(z * k[RSQRT2]))
+        return kk[HALF] * z * (kk[ONE] + math.erf(z * kk[RSQRT2]))
     if code == 5:
-        return k[ONE] / (k[ONE] + math.exp(-z))
+        return kk[ONE] / (kk[ONE] + math.exp(-z))
     return math.tanh(z)
 
 
 @njit(inline="always")
-def _act_grad(dy, a, code, k):
+def _act_grad(dy, a, code, kk):
     """``dy * act'(z)``; ``a`` is the output (relu, leaky_relu with a positive
     slope, sigmoid, tanh) or the pre-activation ``z`` (silu, gelu, leaky_relu
     with slope <= 0), as :func:`saves_output` says."""
     if code == 0:
         return dy
     if code == 1:
-        return dy if a > k[ZERO] else k[ZERO]
+        return dy if a > kk[ZERO] else kk[ZERO]
     if code == 2:
-        return dy if a > k[ZERO] else dy * k[SLOPE]
+        return dy if a > kk[ZERO] else dy * kk[SLOPE]
     if code == 3:
-        s = k[ONE] / (k[ONE] + math.exp(-a))
-        return dy * s * (k[ONE] + a * (k[ONE] - s))
+        s = kk[ONE] / (kk[ONE] + math.exp(-a))
+        return dy * s * (kk[ONE] + a * (kk[ONE] - s))
     if code == 4:
-        cdf = k[HALF] * (k[ONE] + math.erf(a * k[RSQRT2]))
-        pdf = math.exp(-k[HALF] * a * a) * k[RSQRT2PI]
+        cdf = kk[HALF] * (kk[ONE] + math.erf(a * kk[RSQRT2]))
+        pdf = math.exp(-kk[HALF] * a * a) * kk[RSQRT2PI]
         return dy * (cdf + a * pdf)
     if code == 5:
-        return dy * a * (k[ONE] - a)
-    return dy * (k[ONE] - a * a)
+        return dy * a * (kk[ONE] - a)
+    return dy * (kk[ONE] - a * a)
+
+
+@njit(inline="always")
+def _unpack(k):
+    return k[0], k[1], k[2], k[3], k[4], k[5]
 
 
 def saves_output(activation, negative_slope) -> bool:
@@ -123,7 +130,7 @@ def shifted_sums_planar(x, shift, out):
 
 @njit(**_REDUCE)
 def shifted_sums_rows(x, shift, out):
-    """Per block ``b`` of rows: ``out[b, 0] = sum(x - shift)``, ``out[b, 1] = sum((x - shift)^2)``."""
+    """Per block ``b`` of rows: ``out[b] = (sum(x - shift), sum((x - shift)^2))``."""
     M, C = x.shape
     B = out.shape[0]
     for b in prange(B):
@@ -138,120 +145,159 @@ def shifted_sums_rows(x, shift, out):
                 s2[c] += d * d
 
 
-# ---------------------------------------------------------------- normalize
+# ---------------------------------------------------------------- specialised kernels
+#
+# The elementwise passes and the gradient sums are built per variant by a
+# factory, with the activation code and the flags as compile-time constants
+# (closure cells, which Numba's disk cache keys on): a loop that tests a
+# runtime activation code around calls to exp/erf/tanh is too large for LLVM
+# to unswitch, and runs 5-10x slower than the specialised loop.
 
-@njit(**_ELEMENTWISE)
-def normalize_planar(x, hi, scale, shift, res, has_res, out, pre, save_pre, code, k):
+_SPECIALISED: dict = {}
+
+
+def specialised(kind: str, *flags):
+    """The kernel ``kind`` (``"normalize"``, ``"grad_sums"``, ``"grad_input"``)
+    for the layout and flags given, built on first use."""
+    key = (kind, *flags)
+    fn = _SPECIALISED.get(key)
+    if fn is None:
+        fn = _SPECIALISED[key] = _FACTORIES[kind](*flags)
+    return fn
+
+
+def _make_normalize(planar, code, has_res, save_pre):
     """``out = act(z)``, ``z = (x - hi) * scale + shift (+ res)``; ``pre = z`` if ``save_pre``."""
-    N, C, L = x.shape
-    for r in prange(N * C):
-        n = r // C
-        c = r - n * C
-        h = hi[c]
-        s = scale[c]
-        t = shift[c]
-        for i in range(L):
-            z = (x[n, c, i] - h) * s + t
-            if has_res:
-                z += res[n, c, i]
-            if save_pre:
-                pre[n, c, i] = z
-            out[n, c, i] = _act(z, code, k)
+    if planar:
+        @njit(**_ELEMENTWISE)
+        def normalize_planar(x, hi, scale, shift, res, out, pre, k):
+            kk = _unpack(k)
+            N, C, L = x.shape
+            for r in prange(N * C):
+                n = r // C
+                c = r - n * C
+                h, s, t = hi[c], scale[c], shift[c]
+                xr, orow = x[n, c], out[n, c]
+                rr = res[n, c] if has_res else xr
+                pr = pre[n, c] if save_pre else orow
+                for i in range(L):
+                    z = (xr[i] - h) * s + t
+                    if has_res:
+                        z += rr[i]
+                    if save_pre:
+                        pr[i] = z
+                    orow[i] = _act(z, code, kk)
+        return normalize_planar
+
+    @njit(**_ELEMENTWISE)
+    def normalize_rows(x, hi, scale, shift, res, out, pre, k, blocks):
+        kk = _unpack(k)
+        M, C = x.shape
+        for b in prange(blocks):
+            for r in range(b * M // blocks, (b + 1) * M // blocks):
+                xr, orow = x[r], out[r]
+                rr = res[r] if has_res else xr
+                pr = pre[r] if save_pre else orow
+                for c in range(C):
+                    z = (xr[c] - hi[c]) * scale[c] + shift[c]
+                    if has_res:
+                        z += rr[c]
+                    if save_pre:
+                        pr[c] = z
+                    orow[c] = _act(z, code, kk)
+    return normalize_rows
 
 
-@njit(**_ELEMENTWISE)
-def normalize_rows(x, hi, scale, shift, res, has_res, out, pre, save_pre, code, k, blocks):
-    M, C = x.shape
-    for b in prange(blocks):
-        for r in range(b * M // blocks, (b + 1) * M // blocks):
-            for c in range(C):
-                z = (x[r, c] - hi[c]) * scale[c] + shift[c]
-                if has_res:
-                    z += res[r, c]
-                if save_pre:
-                    pre[r, c] = z
-                out[r, c] = _act(z, code, k)
+def _make_grad_sums(planar, code, keep_g):
+    """Float64 ``(sum(g), sum(g * (x - hi)))`` with ``g = dy * act'(.)``; ``g``
+    written out when ``keep_g``. Planar: per ``(n, c)``; rows: per block of rows."""
+    if planar:
+        @njit(**_REDUCE)
+        def grad_sums_planar(dy, x, a, hi, k, g, out):
+            kk = _unpack(k)
+            N, C, L = x.shape
+            for r in prange(N * C):
+                n = r // C
+                c = r - n * C
+                h = hi[c]
+                dr, xr = dy[n, c], x[n, c]
+                ar = a[n, c] if code else dr
+                gr = g[n, c] if keep_g else dr
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(L):
+                    gv = _act_grad(dr[i], ar[i], code, kk)
+                    if keep_g:
+                        gr[i] = gv
+                    s1 += np.float64(gv)
+                    s2 += np.float64(gv) * np.float64(xr[i] - h)
+                out[n, c, 0] = s1
+                out[n, c, 1] = s2
+        return grad_sums_planar
+
+    @njit(**_REDUCE)
+    def grad_sums_rows(dy, x, a, hi, k, g, out):
+        kk = _unpack(k)
+        M, C = x.shape
+        B = out.shape[0]
+        for b in prange(B):
+            s1 = out[b, 0]
+            s2 = out[b, 1]
+            s1[:] = 0.0
+            s2[:] = 0.0
+            for r in range(b * M // B, (b + 1) * M // B):
+                dr, xr = dy[r], x[r]
+                ar = a[r] if code else dr
+                gr = g[r] if keep_g else dr
+                for c in range(C):
+                    gv = _act_grad(dr[c], ar[c], code, kk)
+                    if keep_g:
+                        gr[c] = gv
+                    s1[c] += np.float64(gv)
+                    s2[c] += np.float64(gv) * np.float64(xr[c] - hi[c])
+    return grad_sums_rows
 
 
-# ---------------------------------------------------------------- backward
-
-@njit(**_REDUCE)
-def grad_sums_planar(dy, x, a, hi, code, k, g, keep_g, out):
-    """``out[n, c] = (sum(g), sum(g * (x - hi)))`` in float64 with ``g = act'(.) * dy``;
-    ``g`` written out when ``keep_g``."""
-    N, C, L = x.shape
-    for r in prange(N * C):
-        n = r // C
-        c = r - n * C
-        h = hi[c]
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(L):
-            gv = _act_grad(dy[n, c, i], a[n, c, i], code, k) if code else dy[n, c, i]
-            if keep_g:
-                g[n, c, i] = gv
-            s1 += np.float64(gv)
-            s2 += np.float64(gv) * np.float64(x[n, c, i] - h)
-        out[n, c, 0] = s1
-        out[n, c, 1] = s2
-
-
-@njit(**_REDUCE)
-def grad_sums_rows(dy, x, a, hi, code, k, g, keep_g, out):
-    M, C = x.shape
-    B = out.shape[0]
-    for b in prange(B):
-        s1 = out[b, 0]
-        s2 = out[b, 1]
-        s1[:] = 0.0
-        s2[:] = 0.0
-        for r in range(b * M // B, (b + 1) * M // B):
-            for c in range(C):
-                gv = _act_grad(dy[r, c], a[r, c], code, k) if code else dy[r, c]
-                if keep_g:
-                    g[r, c] = gv
-                s1[c] += np.float64(gv)
-                s2[c] += np.float64(gv) * np.float64(x[r, c] - hi[c])
-
-
-@njit(**_ELEMENTWISE)
-def grad_input_planar(dy, x, a, hi, code, k, g, use_g, kx, c0, scale, training, dx):
+def _make_grad_input(planar, code, use_g, training):
     """``dx = kx * (x - hi) + c0 + scale * g`` (training) or ``scale * g`` (eval);
     ``g`` read from ``g`` when ``use_g``, else recomputed from ``dy``."""
-    N, C, L = x.shape
-    for r in prange(N * C):
-        n = r // C
-        c = r - n * C
-        h = hi[c]
-        s = scale[c]
-        kc = kx[c]
-        cc = c0[c]
-        for i in range(L):
-            if use_g:
-                gv = g[n, c, i]
-            elif code:
-                gv = _act_grad(dy[n, c, i], a[n, c, i], code, k)
-            else:
-                gv = dy[n, c, i]
-            if training:
-                dx[n, c, i] = kc * (x[n, c, i] - h) + cc + s * gv
-            else:
-                dx[n, c, i] = s * gv
+    if planar:
+        @njit(**_ELEMENTWISE)
+        def grad_input_planar(dy, x, a, hi, k, g, kx, c0, scale, dx):
+            kk = _unpack(k)
+            N, C, L = x.shape
+            for r in prange(N * C):
+                n = r // C
+                c = r - n * C
+                h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
+                dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
+                ar = a[n, c] if code and not use_g else dr
+                gr = g[n, c] if use_g else dr
+                for i in range(L):
+                    gv = gr[i] if use_g else _act_grad(dr[i], ar[i], code, kk)
+                    if training:
+                        dxr[i] = kc * (xr[i] - h) + cc + s * gv
+                    else:
+                        dxr[i] = s * gv
+        return grad_input_planar
+
+    @njit(**_ELEMENTWISE)
+    def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, blocks):
+        kk = _unpack(k)
+        M, C = x.shape
+        for b in prange(blocks):
+            for r in range(b * M // blocks, (b + 1) * M // blocks):
+                dr, xr, dxr = dy[r], x[r], dx[r]
+                ar = a[r] if code and not use_g else dr
+                gr = g[r] if use_g else dr
+                for c in range(C):
+                    gv = gr[c] if use_g else _act_grad(dr[c], ar[c], code, kk)
+                    if training:
+                        dxr[c] = kx[c] * (xr[c] - hi[c]) + c0[c] + scale[c] * gv
+                    else:
+                        dxr[c] = scale[c] * gv
+    return grad_input_rows
 
 
-@njit(**_ELEMENTWISE)
-def grad_input_rows(dy, x, a, hi, code, k, g, use_g, kx, c0, scale, training, dx, blocks):
-    M, C = x.shape
-    for b in prange(blocks):
-        for r in range(b * M // blocks, (b + 1) * M // blocks):
-            for c in range(C):
-                if use_g:
-                    gv = g[r, c]
-                elif code:
-                    gv = _act_grad(dy[r, c], a[r, c], code, k)
-                else:
-                    gv = dy[r, c]
-                if training:
-                    dx[r, c] = kx[c] * (x[r, c] - hi[c]) + c0[c] + scale[c] * gv
-                else:
-                    dx[r, c] = scale[c] * gv
+_FACTORIES = {"normalize": _make_normalize, "grad_sums": _make_grad_sums,
+              "grad_input": _make_grad_input}

@@ -1,0 +1,201 @@
+"""The fused CPU backend (Numba): what the shared parity suites cannot see.
+
+``test_functional.py`` and ``nn/test_parity.py`` run every case on this
+backend too (against ``batchnorm.reference`` and ``torch.nn``); here: the
+resolver, the layouts the kernels take and the ones they hand to the portable
+path, large offsets and outlier shifts, thread counts, and the disk cache.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, make_input
+
+import batchnorm
+from batchnorm import _backend, reference
+from batchnorm.functional import ACTIVATIONS, batch_norm
+from batchnorm.kernels import torch_ops
+
+pytest.importorskip("numba", reason="the fused CPU backend needs Numba (pip install "
+                    "'batchnorm[cpu]')")
+
+from batchnorm.kernels import cpu  # noqa: E402
+
+F64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def _run(x, activation=None, residual=None, training=True, backend="cpu", slope=0.01):
+    """Output, every gradient and the running statistics of one call."""
+    C = x.shape[1]
+    x = x.detach().requires_grad_()  # keeps x's strides, whatever they are
+    w = torch.linspace(0.5, 1.5, C, dtype=x.dtype if x.dtype == torch.float64 else
+                       torch.float32).requires_grad_()
+    b = torch.linspace(-0.3, 0.3, C, dtype=w.dtype).requires_grad_()
+    r = None if residual is None else residual.detach().clone().requires_grad_()
+    rm, rv = torch.zeros(C, dtype=w.dtype), torch.full((C,), 2.0, dtype=w.dtype)
+    y = batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, activation=activation,
+                   negative_slope=slope, residual=r, backend=backend)
+    dy = make_input(x.shape, x.dtype, seed=9).contiguous(
+        memory_format=_format_of(x))
+    inputs = [x, w, b] + ([r] if r is not None else [])
+    grads = torch.autograd.grad(y, inputs, dy)
+    return [y.detach(), *grads, rm, rv]
+
+
+def _format_of(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------- resolver
+
+def test_auto_picks_the_cpu_kernels_for_cpu_tensors():
+    assert _backend.resolve_backend("auto", torch.empty(2, 3)) is cpu
+
+
+def test_without_numba_auto_falls_back_and_cpu_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(_backend, "_NUMBA", False)
+    x = torch.randn(4, 3)
+    assert _backend.resolve_backend("auto", x) is torch_ops
+    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run: .*Numba.*batchnorm\[cpu\]"):
+        batch_norm(x, None, None, training=True, backend="cpu")
+
+
+def test_cpu_backend_on_another_device_says_why():
+    x = torch.empty(4, 3, device="meta")
+    assert "CPU tensors" in _backend.unavailable_reason("cpu", x)
+
+
+# ---------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("shape,fmt,kind", [
+    ((4, 3), torch.contiguous_format, "rows"),
+    ((4, 3, 1, 1), torch.contiguous_format, "rows"),
+    ((4, 3, 5), torch.contiguous_format, "planar"),
+    ((4, 3, 5, 2), torch.contiguous_format, "planar"),
+    ((4, 3, 5, 2), torch.channels_last, "rows"),
+    ((2, 3, 2, 2, 2), torch.channels_last_3d, "rows"),
+])
+def test_kernels_see_contiguous_and_channels_last_inputs_without_a_copy(shape, fmt, kind):
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    v = cpu._view(x)
+    assert v.kind == kind
+    assert np.shares_memory(v.of(x), x.numpy())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(3, 4, 5, 6).permute(0, 2, 1, 3),  # neither NCHW nor NHWC
+    lambda: torch.randn(4, 6, 8)[:, ::2],                 # a strided slice
+    lambda: torch.randn(4, 3, 5, dtype=torch.bfloat16),   # no bfloat16 in Numba
+    lambda: torch.randn(4, 3, 5, dtype=torch.float16),
+])
+def test_other_layouts_and_dtypes_run_on_the_portable_path_with_the_same_results(make):
+    x = make()
+    assert cpu._view(x) is None
+    for got, want in zip(_run(x), _run(x, backend="torch"), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("fmt", ["planar", "rows", "flat"])
+def test_every_epilogue_in_both_layouts_matches_the_reference(activation, fmt):
+    shape = {"planar": (3, 5, 4, 3), "rows": (3, 5, 4, 3), "flat": (7, 5)}[fmt]
+    memory = torch.channels_last if fmt == "rows" else torch.contiguous_format
+    x = make_input(shape, torch.float64, memory, seed=1, scale=2.0, offset=0.5)
+    res = make_input(shape, torch.float64, memory, seed=2)
+    y, gx, gw, gb, gr, rm, rv = _run(x, activation, res, slope=-0.3 if activation else 0.01)
+    kw = dict(residual=res.numpy(), activation=activation, negative_slope=-0.3)
+    w = np.linspace(0.5, 1.5, 5)
+    b = np.linspace(-0.3, 0.3, 5)
+    out, cache = reference.forward_train(x.numpy(), w, b, **kw)
+    dy = make_input(shape, torch.float64, seed=9).numpy()
+    assert_close(y, out, **F64, name="out")
+    for got, want, name in zip((gx, gw, gb, gr), reference.backward(dy, cache),
+                               ("grad_input", "grad_weight", "grad_bias", "grad_residual"),
+                               strict=True):
+        assert_close(got, want, **F64, name=name)
+
+
+# ---------------------------------------------------------------- accuracy
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_large_offset_small_spread_keeps_float32_accuracy(layout):
+    x = (torch.randn(8, 4, 6, 6, dtype=torch.float64) * 1e-2 + 1e4)
+    ours = _run(x.float().contiguous(memory_format=layout))
+    exact = _run(x.float().double().contiguous(memory_format=layout))
+    torch_bn = torch.nn.BatchNorm2d(4)
+    want = torch_bn(x.float())
+    # Within 2x PyTorch's own error against the float64 run of the same input.
+    torch_err = (want.double() - exact[0]).abs().max().item()
+    assert (ours[0].double() - exact[0]).abs().max().item() <= 2 * torch_err + 1e-6
+    assert_close(ours[1], exact[1], 1e-3, 1e-3, name="grad_input")
+
+
+def test_an_outlier_as_the_shift_is_recentred():
+    # The shifted sums start from one value of each channel; here that value is
+    # 1e6 standard deviations away, and the statistics are taken again.
+    x = torch.randn(64, 2, 16, dtype=torch.float64) * 1e-3
+    x[0, :, 0] = 1e3
+    mean, var = cpu.batch_stats(x)
+    want_var, want_mean = torch.var_mean(x, dim=(0, 2), correction=0)
+    assert_close(mean, want_mean, 1e-12, 0, name="mean")
+    assert_close(var, want_var, 1e-10, 0, name="var")
+
+
+def test_nan_and_inf_propagate_like_torch():
+    x = torch.randn(4, 3, 5)
+    x[1, 0, 2] = float("nan")
+    x[2, 1, 1] = float("inf")
+    ours = batch_norm(x, None, None, training=True, activation="relu", backend="cpu")
+    theirs = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+
+
+# ---------------------------------------------------------------- threads
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_thread_count_follows_torch_and_does_not_change_results(fmt):
+    import numba
+
+    x = make_input((16, 8, 12, 12), torch.float64, fmt, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(x, "relu")
+        assert numba.get_num_threads() == 1
+        torch.set_num_threads(before)
+        many = _run(x, "relu")
+        assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many, strict=True):
+        assert_close(a, b, 1e-13, 1e-13)
+
+
+# ---------------------------------------------------------------- disk cache
+
+def test_compiled_kernels_are_loaded_from_the_disk_cache_by_a_new_process():
+    code = textwrap.dedent("""
+        import torch, batchnorm
+        from batchnorm.kernels.cpu import _kernels as K
+        x = torch.randn(4, 3, 5, requires_grad=True)
+        batchnorm.BatchNorm1d(3, activation="relu")(x).sum().backward()
+        hits = sum(sum(f.stats.cache_hits.values()) for f in K._SPECIALISED.values())
+        misses = sum(sum(f.stats.cache_misses.values()) for f in K._SPECIALISED.values())
+        print(hits, misses)
+    """)
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    hits, misses = map(int, runs[1].stdout.split())
+    assert hits >= 3 and misses == 0, runs[1].stdout
+
