@@ -18,6 +18,7 @@ import os
 import sys
 
 from ..lab.i18n import LANGUAGES, default_language, translator
+from . import doctor as doctor_cmd
 from . import lab as lab_cmd
 
 
@@ -33,6 +34,7 @@ def build_parser(lang: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help=t("cli.info_help"))
     lab_cmd.add_parser(sub, t)
+    doctor_cmd.add_parser(sub, t)
     return parser
 
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info()
         if args.command == "lab":
             return lab_cmd.run(args)
+        if args.command == "doctor":
+            return doctor_cmd.run(args, argv)
     except KeyboardInterrupt:
         print(t("cli.interrupted"), file=sys.stderr)
         return 130
