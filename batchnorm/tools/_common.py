@@ -151,16 +151,26 @@ def activation_call(name: str, negative_slope: float):
 
 # ---------------------------------------------------------------- torch.fx
 
+# Regularizers that branch on ``self.training`` in Python (torchvision's
+# StochasticDepth, timm's DropPath and DropBlock2d): traced through, the graph
+# would keep the branch of the mode the model was in when traced.
+_MODE_DEPENDENT = re.compile(r"StochasticDepth|DropPath|DropBlock|Dropout", re.IGNORECASE)
+
+
 class BNTracer(fx.Tracer):
     """``torch.fx`` tracer that keeps every BN layer a leaf (one ``call_module`` node).
 
     The default tracer only keeps ``torch.nn``'s own modules whole; it would
     trace into ours and into timm's ``BatchNormAct2d`` and leave no layer to
-    convert or fold.
+    convert or fold. Stochastic depth, drop-path and drop-block modules stay
+    leaves too, so the graph keeps their training/inference switch. Other
+    Python branches on ``self.training`` in a model's own code are recorded
+    as they went while tracing (a torch.fx limitation).
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+        return (is_batchnorm(m) or bool(_MODE_DEPENDENT.search(type(m).__name__))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def trace(model: nn.Module, tool: str) -> fx.GraphModule:
