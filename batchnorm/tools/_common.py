@@ -29,11 +29,25 @@ def is_foreign_frozen(m: nn.Module) -> bool:
             and isinstance(getattr(m, "running_var", None), torch.Tensor))
 
 
+# timm's norm + activation layers: a BN's state and op, then ``drop`` and ``act`` modules.
+_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+
+
+def timm_act(m: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(drop, act)`` of timm's ``BatchNormAct2d``, ``SyncBatchNormAct`` (whose ``drop``
+    and ``act`` may be missing: identities) and ``FrozenBatchNormAct2d``; else ``None``."""
+    if type(m).__name__ not in _TIMM_NORM_ACT:
+        return None
+    if not (isinstance(m, _BatchNorm) or is_foreign_frozen(m)):
+        return None
+    drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+    if not all(v is None or isinstance(v, nn.Module) for v in (drop, act)):
+        return None
+    return (nn.Identity() if drop is None else drop), (nn.Identity() if act is None else act)
+
+
 def is_timm_bn_act(m: nn.Module) -> bool:
-    """timm's ``BatchNormAct2d``: ``nn.BatchNorm2d``'s state and op, then ``drop``, ``act``."""
-    return (type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
-            and isinstance(getattr(m, "act", None), nn.Module)
-            and isinstance(getattr(m, "drop", None), nn.Module))
+    return timm_act(m) is not None
 
 
 def is_batchnorm(m: nn.Module) -> bool:

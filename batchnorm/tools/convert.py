@@ -49,6 +49,7 @@ from ._common import (
     occurrences,
     require_batchnorm,
     sequential_pairs,
+    timm_act,
     trace,
 )
 
@@ -103,14 +104,23 @@ def _to_ours(m: nn.Module):
                             bias=m.bias is not None)
         return _move_state(m, new), None
     if is_timm_bn_act(m):
-        if type(m.drop) is not nn.Identity:
-            return None, f"is timm's BatchNormAct2d with a drop layer ({m.drop!r}) between " \
-                         "the BN and its activation"
-        act = None if type(m.act) is nn.Identity else activation_of(m.act)
-        if act is None and type(m.act) is not nn.Identity:
-            return None, f"is timm's BatchNormAct2d with an activation ours cannot fuse " \
-                         f"({m.act!r})"
-        new = _move_state(m, BatchNorm2d(*_bn_args(m), device="meta", bias=m.bias is not None))
+        drop, act_module = timm_act(m)
+        name = type(m).__name__
+        if type(drop) is not nn.Identity:
+            return None, f"is timm's {name} with a drop layer ({drop!r}) between the BN and " \
+                         "its activation"
+        act = None if type(act_module) is nn.Identity else activation_of(act_module)
+        if act is None and type(act_module) is not nn.Identity:
+            return None, f"is timm's {name} with an activation ours cannot fuse " \
+                         f"({act_module!r})"
+        if isinstance(m, nn.SyncBatchNorm):
+            new = _move_state(m, SyncBatchNorm(*_bn_args(m), m.process_group, device="meta",
+                                               bias=m.bias is not None))
+        elif isinstance(m, _BatchNorm):
+            new = _move_state(m, BatchNorm2d(*_bn_args(m), device="meta",
+                                             bias=m.bias is not None))
+        else:
+            new = FrozenBatchNorm2d.from_batchnorm(m)
         if act is not None:
             new.activation, new.negative_slope = act
         return new, None

@@ -41,6 +41,7 @@ from ._common import (
     require_batchnorm,
     sequential_pairs,
     set_submodule,
+    timm_act,
     trace,
 )
 
@@ -214,7 +215,8 @@ def _after(bn: nn.Module) -> nn.Module:
     """What stays where ``bn`` was: its fused activation as a module (timm's drop and act
     modules), or an identity."""
     if is_timm_bn_act(bn):
-        return bn.act if type(bn.drop) is nn.Identity else nn.Sequential(bn.drop, bn.act)
+        drop, act = timm_act(bn)
+        return act if type(drop) is nn.Identity else nn.Sequential(drop, act)
     activation = getattr(bn, "activation", None)
     if activation is None:
         return nn.Identity()

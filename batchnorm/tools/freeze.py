@@ -21,6 +21,9 @@ changed, so nothing else needs restoring. The mark (a dict in the layer's
 ``__dict__``) and the hooks survive ``copy.deepcopy``, ``pickle`` and
 ``torch.save(model)``; a ``state_dict`` does not carry them.
 
+:func:`~batchnorm.tools.convert_batchnorm` makes new layer objects, which do
+not carry the mark: convert first, then freeze.
+
 Layers that are frozen by construction (:class:`~batchnorm.FrozenBatchNorm`,
 torchvision's ``FrozenBatchNorm2d``) are left alone.
 """

@@ -211,3 +211,22 @@ def test_freeze_survives_train(name):
                                                for m in model.modules())
     unfreeze_batchnorm(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def test_timm_frozen_and_sync_norm_act_layers_keep_their_activation():
+    from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
+
+    model = model_for("timm-efficientnet_b0")
+    x = data(2, 5)
+    with torch.no_grad():
+        want = model(x)
+    variants = {"FrozenBatchNormAct2d": freeze_batch_norm_2d(copy.deepcopy(model)),
+                "SyncBatchNormAct": convert_sync_batchnorm(copy.deepcopy(model))}
+    for name, variant in variants.items():
+        assert any(type(m).__name__ == name for m in variant.modules())
+        ours = convert_batchnorm(copy.deepcopy(variant))
+        assert sum(getattr(m, "activation", None) == "silu" for m in ours.modules()) > 0
+        folded = fold_batchnorm(copy.deepcopy(variant), strict=True)
+        with torch.no_grad():
+            close(ours(x), want, f"{name} as ours")
+            close(folded(x), want, f"{name} folded")
