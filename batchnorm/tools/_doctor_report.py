@@ -276,9 +276,10 @@ class Report:
     def __str__(self) -> str:
         return self.format()
 
-    def format(self, width: int = 100, max_lines: int = 10) -> str:
-        """The human text: a summary line, notes, then one block per check,
-        listing at most ``max_lines`` layers (``to_json`` has them all)."""
+    def format(self, width: int = 100, max_paths: int = 8) -> str:
+        """The human text: a summary line, notes, then one block per check. Layers
+        with the same message share a line naming at most ``max_paths`` of them
+        (``findings`` and ``to_dict()`` have them all)."""
         lines = [self.summary()]
         wrap = textwrap.TextWrapper(width=width, initial_indent="  ",
                                     subsequent_indent="       ")
@@ -291,10 +292,14 @@ class Report:
             check = CHECKS[code]
             count = f" ({len(found)} findings)" if len(found) > 1 else ""
             lines += ["", f"{severity} {code} {check.title}{count}"]
-            for f in found[:max_lines]:
-                lines += textwrap.wrap(f"{_where(f.path)}: {f.message}", width=width,
+            by_message: dict[str, list[str]] = {}
+            for f in found:
+                by_message.setdefault(f.message, []).append(_where(f.path))
+            for message, paths in by_message.items():
+                where = ", ".join(paths[:max_paths])
+                if len(paths) > max_paths:
+                    where += f" and {len(paths) - max_paths} more"
+                lines += textwrap.wrap(f"{where}: {message}", width=width,
                                        initial_indent="  ", subsequent_indent="    ")
-            if len(found) > max_lines:
-                lines.append(f"  ... and {len(found) - max_lines} more (--json lists all)")
             lines += wrap.wrap("why: " + check.why) + wrap.wrap("fix: " + check.fix)
         return "\n".join(lines)
