@@ -288,9 +288,16 @@ def run(args, argv: list[str] | None = None) -> int:
     model, optimizer = build(args.factory, args.kwargs, args.seed)
     import torch
 
-    model.to(device=args.device)
-    if args.dtype:
-        model.to(dtype=getattr(torch, args.dtype))
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        model.to(device=device)
+        if args.dtype:
+            model.to(dtype=getattr(torch, args.dtype))
+    except Exception as err:
+        raise FactoryError(f"cannot put the model on --device {args.device!r}"
+                           f"{' as ' + args.dtype if args.dtype else ''}: {err}") from err
     x = example_input(args)
     report = doctor(model, x, mode=args.mode, optimizer=optimizer,
                     per_device_batch=args.per_device_batch, min_batch=args.min_batch,

@@ -88,7 +88,7 @@ class Graph:
 def _link(nodes: list[Node]) -> None:
     for node in nodes:
         for producer in dict.fromkeys(node.inputs):
-            if node.name not in _METADATA:
+            if node.kind != "function" or node.name not in _METADATA:
                 producer.users.append(node)
 
 
@@ -231,7 +231,7 @@ class RuntimeRecorder(TorchFunctionMode):
     def __enter__(self):
         names = {m: name for name, m in self.model.named_modules()}
         for module, name in names.items():
-            if is_leaf(module):
+            if name and is_leaf(module):  # a leaf root is traced through, as torch.fx does
                 self._handles.append(module.register_forward_pre_hook(
                     self._pre_hook, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(

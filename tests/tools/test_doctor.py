@@ -509,6 +509,19 @@ def test_the_model_and_the_random_state_are_unchanged(setup):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_gpu_is_checked_and_unchanged():
+    torch.manual_seed(0)
+    model = Planted().cuda()
+    before = state(model)
+    rng = torch.cuda.get_rng_state()
+    report = doctor(model, torch.randn(16, 3, 8, 8, device="cuda"))
+    assert codes_paths(report) == PLANTED
+    assert_unchanged(model, before)
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+
+
 def test_lazy_modules_are_refused_untouched():
     model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
     with pytest.raises(ValueError, match="uninitialized lazy modules"):
