@@ -114,16 +114,15 @@ def doctor(model: nn.Module, example_input, *, mode: str | None = None, optimize
         notes.append(stopped)
     if data_flow is not None:
         findings += checks.placement_findings(data_flow)
-        findings += checks.input_findings(args, kwargs, data_flow)
-    else:
-        findings += checks.input_findings(args, kwargs, None)
+    findings += checks.input_findings(args, kwargs, data_flow)
     findings += checks.run_findings(model, calls, intent, per_device_batch,
                                     _batch_size(args, kwargs), min_batch)
     if not bns:
         findings.append(Finding("BN000", "info", "", "the model has no batch-norm layers"))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rank = {"error": 0, "warning": 1, "info": 2}
-    unique = {(f.code, f.path): f for f in findings if f.code not in ignored}
+    # A module called more than once reports a placement once.
+    unique = {(f.code, f.path, f.message): f for f in findings if f.code not in ignored}
     findings = sorted(unique.values(),
                       key=lambda f: (rank[f.severity], f.code, order.get(f.path, -1)))
     return Report(findings, mode=intent, graph=data_flow.source if data_flow else None,
