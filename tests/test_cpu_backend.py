@@ -17,7 +17,6 @@ import pytest
 import torch
 from helpers import assert_close, make_input
 
-import batchnorm
 from batchnorm import _backend, reference
 from batchnorm.functional import ACTIVATIONS, batch_norm
 from batchnorm.kernels import torch_ops
@@ -162,22 +161,48 @@ def test_nan_and_inf_propagate_like_torch():
 # ---------------------------------------------------------------- threads
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_thread_count_follows_torch_and_does_not_change_results(fmt):
-    import numba
-
+def test_thread_count_follows_torch_and_does_not_change_results(fmt, monkeypatch):
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)  # split even this small input
     x = make_input((16, 8, 12, 12), torch.float64, fmt, seed=4)
     before = torch.get_num_threads()
+    seen = []
+    real_run = cpu._run
+
+    def spy(fn, total, tasks):
+        seen.append(tasks)
+        return real_run(fn, total, tasks)
+
+    monkeypatch.setattr(cpu, "_run", spy)
     try:
         torch.set_num_threads(1)
         one = _run(x, "relu")
-        assert numba.get_num_threads() == 1
-        torch.set_num_threads(before)
+        assert set(seen) == {1}
+        seen.clear()
+        torch.set_num_threads(3)
         many = _run(x, "relu")
-        assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+        assert set(seen) == {3}
+        assert cpu._POOL._key[0] == 2  # the caller plus 2 pool threads: torch's count
     finally:
         torch.set_num_threads(before)
     for a, b in zip(one, many, strict=True):
         assert_close(a, b, 1e-13, 1e-13)
+
+
+def test_a_forked_child_gets_its_own_threads():
+    import multiprocessing as mp
+
+    x = torch.randn(64, 8, 32, 32)
+    want = batch_norm(x, None, None, training=True, backend="cpu")  # the pool exists now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_batch_norm, (x,)).get(timeout=120)
+    assert np.array_equal(got, want.numpy())
+
+
+def _child_batch_norm(x):
+    # Sent back as NumPy: pickling a tensor copies it with PyTorch's OpenMP,
+    # which hangs in a forked child once the parent has used it (GNU OpenMP).
+    return batch_norm(x, None, None, training=True, backend="cpu").numpy()
 
 
 # ---------------------------------------------------------------- disk cache

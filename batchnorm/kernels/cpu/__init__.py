@@ -8,14 +8,23 @@ and one elementwise pass. Inputs of another layout (an arbitrary permutation)
 or dtype (float16, bfloat16: Numba has no such types) run on the portable
 path, per call, with the same results contract.
 
-Threads: every call runs on ``torch.get_num_threads()`` Numba threads, so a
-program that limits PyTorch (``torch.set_num_threads(1)``) limits these
-kernels too, and the two pools never run at the same time.
+Threads: the kernels are serial and release the GIL; a pass over a large
+tensor is split into ``torch.get_num_threads()`` ranges, one run by the
+calling thread and the rest by a pool of ``torch.get_num_threads() - 1``
+threads of ours, which sleep (no spinning) between calls. A program that
+limits PyTorch (``torch.set_num_threads(1)``) limits these kernels too, the
+two never run at the same time, and there is no second OpenMP runtime in the
+process (Numba's ``parallel=True`` would bring one, spinning beside
+PyTorch's). Small tensors (below :data:`PARALLEL_MIN` elements) run on the
+calling thread alone: waking a thread costs more than it saves there.
 """
 
 from __future__ import annotations
 
-import numba
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -33,20 +42,65 @@ DTYPES = (torch.float32, torch.float64)
 _RECENTRE = 1e6
 
 
-def _sync_threads() -> int:
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
+# Elements below which a pass runs on the calling thread only.
+PARALLEL_MIN = 1 << 17
+
+
+class _Pool:
+    """Threads that run kernel ranges beside the caller; rebuilt when PyTorch's
+    thread count changes and in a forked child (the parent's threads are gone)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._executor = None
+        self._key = None
+
+    def executor(self, workers: int) -> ThreadPoolExecutor:
+        key = (workers, os.getpid())
+        with self._lock:
+            if self._key != key:
+                old, same_process = self._executor, self._key and self._key[1] == key[1]
+                self._executor = ThreadPoolExecutor(workers, "batchnorm-cpu")
+                self._key = key
+                if old is not None and same_process:
+                    old.shutdown(wait=False)
+            return self._executor
+
+
+_POOL = _Pool()
+
+
+def _tasks(numel: int, ranges: int) -> int:
+    """How many ranges to split a pass over ``numel`` elements into."""
+    if numel < PARALLEL_MIN:
+        return 1
+    return max(1, min(torch.get_num_threads(), ranges))
+
+
+def _run(fn, total: int, tasks: int) -> None:
+    """``fn(i, start, stop)`` for ``tasks`` even ranges of ``range(total)``,
+    the first on this thread, the others on the pool, all finished on return."""
+    if tasks <= 1:
+        fn(0, 0, total)
+        return
+    bounds = [total * i // tasks for i in range(tasks + 1)]
+    pool = _POOL.executor(tasks - 1)
+    futures = [pool.submit(fn, i, bounds[i], bounds[i + 1]) for i in range(1, tasks)]
+    try:
+        fn(0, bounds[0], bounds[1])
+    finally:
+        for f in futures:
+            f.result()
 
 
 class _View:
     """``x`` as a C-contiguous NumPy array: planar ``(N, C, L)`` or rows ``(M, C)``."""
 
-    __slots__ = ("kind", "shape", "perm")
+    __slots__ = ("kind", "shape", "perm", "numel")
 
     def __init__(self, kind, shape, perm):
         self.kind, self.shape, self.perm = kind, shape, perm
+        self.numel = int(np.prod(shape))
 
     def of(self, t: torch.Tensor) -> np.ndarray:
         """The same view of ``t`` (which has ``x``'s shape and strides)."""
@@ -78,10 +132,6 @@ def _view(x: torch.Tensor) -> _View | None:
     return None
 
 
-def _blocks(M: int, threads: int) -> int:
-    return max(1, min(M, 4 * threads))
-
-
 def _empty_like(x, dtype=None):
     return torch.empty_like(x, dtype=dtype)
 
@@ -94,31 +144,48 @@ def _np_dtype(dtype: torch.dtype):
     return np.float64 if dtype == torch.float64 else np.float32
 
 
-def _shifted_stats(v: _View, xv: np.ndarray, threads: int, shift: np.ndarray):
-    """``(lo, ex2)``: per-channel ``mean(x - shift)`` and ``mean((x - shift)^2)``."""
+def _ranges(v: _View) -> int:
+    """How many units a pass over ``v`` splits into: runs (planar) or rows."""
+    return v.shape[0] * v.shape[1] if v.kind == "planar" else v.shape[0]
+
+
+def _reduce(v: _View, kernel, args) -> np.ndarray:
+    """``(2, C)`` float64 sums of a reduction kernel over the whole of ``v``."""
     C = v.shape[1]
+    total = _ranges(v)
+    tasks = _tasks(v.numel, total)
     if v.kind == "planar":
-        part = np.empty((v.shape[0], C, 2))
-        K.shifted_sums_planar(xv, shift, part)
-        sums = part.sum(axis=0).T
-    else:
-        part = np.empty((_blocks(v.shape[0], threads), 2, C))
-        K.shifted_sums_rows(xv, shift, part)
-        sums = part.sum(axis=0)
-    m = xv.size // C
+        part = np.empty((total, 2))
+        _run(lambda _i, a, b: kernel(*args, part, a, b), total, tasks)
+        return part.reshape(v.shape[0], C, 2).sum(axis=0).T
+    part = np.empty((tasks, 2, C))
+    _run(lambda i, a, b: kernel(*args, part[i], a, b), total, tasks)
+    return part.sum(axis=0)
+
+
+def _elementwise(v: _View, kernel, args) -> None:
+    total = _ranges(v)
+    _run(lambda _i, a, b: kernel(*args, a, b), total, _tasks(v.numel, total))
+
+
+def _shifted_stats(v: _View, xv: np.ndarray, shift: np.ndarray):
+    """``(lo, ex2)``: per-channel ``mean(x - shift)`` and ``mean((x - shift)^2)``."""
+    kernel = K.shifted_sums_planar if v.kind == "planar" else K.shifted_sums_rows
+    sums = _reduce(v, kernel, (xv, shift))
+    m = xv.size // v.shape[1]
     return sums[0] / m, sums[1] / m
 
 
-def _stats(v: _View, xv: np.ndarray, threads: int):
+def _stats(v: _View, xv: np.ndarray):
     """Float64 ``(mean, var)`` per channel: shifted sums around one value of the
     channel, again around the mean found if that value was an outlier."""
     shift = (xv[0, :, 0] if v.kind == "planar" else xv[0]).astype(np.float64)
     with np.errstate(invalid="ignore"):  # NaN/Inf input: NaN statistics, as torch
-        lo, ex2 = _shifted_stats(v, xv, threads, shift)
+        lo, ex2 = _shifted_stats(v, xv, shift)
         var = ex2 - lo * lo
         if np.any(lo * lo > _RECENTRE * var):
             shift = shift + lo
-            lo, ex2 = _shifted_stats(v, xv, threads, shift)
+            lo, ex2 = _shifted_stats(v, xv, shift)
             var = ex2 - lo * lo
         return shift + lo, np.maximum(var, 0.0)
 
@@ -128,8 +195,7 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v = _view(x)
     if v is None:
         return torch_ops.batch_stats(x)
-    threads = _sync_threads()
-    mean, var = _stats(v, v.of(x), threads)
+    mean, var = _stats(v, v.of(x))
     return torch.from_numpy(mean), torch.from_numpy(var).to(x.dtype)
 
 
@@ -146,21 +212,18 @@ def _affine(mean: np.ndarray, invstd: np.ndarray, weight, bias, ndt):
     return hi, np.ascontiguousarray(scale, ndt), np.ascontiguousarray(shift, ndt)
 
 
-def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope, threads):
+def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope):
     ndt = xv.dtype
     out = _empty_like(x)
     save_pre = not K.saves_output(activation, negative_slope)
     pre = _empty_like(x) if save_pre else None
     has_res = residual is not None
-    planar = v.kind == "planar"
-    kernel = K.specialised("normalize", planar, K.ACT[activation], has_res, save_pre)
+    kernel = K.specialised("normalize", v.kind == "planar", K.ACT[activation], has_res,
+                           save_pre)
     args = (xv, hi, scale, shift, v.of(v.like(residual, x)) if has_res else _dummy(v, ndt),
             v.of(out), v.of(pre) if save_pre else _dummy(v, ndt),
             K.constants(ndt, negative_slope))
-    if planar:
-        kernel(*args)
-    else:
-        kernel(*args, _blocks(v.shape[0], threads))
+    _elementwise(v, kernel, args)
     act_saved = None if activation is None else (pre if save_pre else out)
     return out, act_saved
 
@@ -172,12 +235,10 @@ def normalize(x, mean, invstd, weight, bias, residual=None, activation=None,
     if v is None:
         return torch_ops.normalize(x, mean, invstd, weight, bias, residual, activation,
                                    negative_slope)
-    threads = _sync_threads()
     ndt = _np_dtype(x.dtype)
     hi, scale, shift = _affine(mean.detach().double().numpy(),
                                invstd.detach().numpy().astype(ndt), weight, bias, ndt)
-    return _normalize(v, x, v.of(x), hi, scale, shift, residual, activation, negative_slope,
-                      threads)
+    return _normalize(v, x, v.of(x), hi, scale, shift, residual, activation, negative_slope)
 
 
 def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
@@ -187,37 +248,22 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
     if v is None:
         return torch_ops.forward(x, running_mean, running_var, weight, bias, residual,
                                  training, eps, activation, negative_slope)
-    threads = _sync_threads()
     ndt = _np_dtype(x.dtype)
     xv = v.of(x)
     if training:
-        mean, var = _stats(v, xv, threads)
+        mean, var = _stats(v, xv)
     else:
         mean = running_mean.detach().numpy().astype(ndt)
         var = running_var.detach().numpy().astype(ndt)
     invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(ndt)
     hi, scale, shift = _affine(mean.astype(np.float64), invstd, weight, bias, ndt)
     out, act_saved = _normalize(v, x, xv, hi, scale, shift, residual, activation,
-                                negative_slope, threads)
+                                negative_slope)
     return (out, act_saved, torch.from_numpy(np.asarray(mean)),
             torch.from_numpy(np.asarray(var, dtype=ndt)), torch.from_numpy(invstd))
 
 
 # ---------------------------------------------------------------- backward
-
-def _grad_sums(v, dyv, xv, av, hi, code, k, gv, keep_g, threads):
-    """Float64 ``(sum(g), sum(g * (x - hi)))`` per channel."""
-    C = v.shape[1]
-    planar = v.kind == "planar"
-    kernel = K.specialised("grad_sums", planar, code, keep_g)
-    if planar:
-        part = np.empty((v.shape[0], C, 2))
-        kernel(dyv, xv, av, hi, k, gv, part)
-        return part.sum(axis=0).T
-    part = np.empty((_blocks(v.shape[0], threads), 2, C))
-    kernel(dyv, xv, av, hi, k, gv, part)
-    return part.sum(axis=0)
-
 
 class _Grad:
     """The arrays both backward passes read, in the kernels' view."""
@@ -225,7 +271,6 @@ class _Grad:
     def __init__(self, v, grad_out, x, mean, act_saved, activation, negative_slope):
         self.v = v
         self.ndt = _np_dtype(x.dtype)
-        self.threads = _sync_threads()
         self.x = x
         self.dy = v.of(v.like(grad_out, x))
         self.xv = v.of(x)
@@ -241,11 +286,10 @@ class _Grad:
         the full-size ``g`` when ``keep_g``."""
         v = self.v
         g = _empty_like(self.x) if keep_g else None
-        gv = v.of(g) if keep_g else _dummy(v, self.ndt)
-        s = _grad_sums(v, self.dy, self.xv, self.a, self.hi, self.code, self.k, gv, keep_g,
-                       self.threads)
-        sum_g, sum_gxc = s[0], s[1] - self.lo * s[0]
-        return sum_g, sum_gxc, g
+        kernel = K.specialised("grad_sums", v.kind == "planar", self.code, keep_g)
+        s = _reduce(v, kernel, (self.dy, self.xv, self.a, self.hi, self.k,
+                                v.of(g) if keep_g else _dummy(v, self.ndt)))
+        return s[0], s[1] - self.lo * s[0], g
 
     def grad_input(self, invstd, weight, sum_g, sum_gxc, count, training, g=None):
         ndt, v = self.ndt, self.v
@@ -259,15 +303,11 @@ class _Grad:
             kx = c0 = scale
         dx = _empty_like(self.x)
         use_g = g is not None
-        planar = v.kind == "planar"
-        kernel = K.specialised("grad_input", planar, self.code, use_g, bool(training))
-        args = (self.dy, self.xv, self.a, self.hi, self.k,
-                v.of(g) if use_g else _dummy(v, ndt), kx.astype(ndt), c0.astype(ndt),
-                scale.astype(ndt), v.of(dx))
-        if planar:
-            kernel(*args)
-        else:
-            kernel(*args, _blocks(v.shape[0], self.threads))
+        kernel = K.specialised("grad_input", v.kind == "planar", self.code, use_g,
+                               bool(training))
+        _elementwise(v, kernel, (self.dy, self.xv, self.a, self.hi, self.k,
+                                 v.of(g) if use_g else _dummy(v, ndt), kx.astype(ndt),
+                                 c0.astype(ndt), scale.astype(ndt), v.of(dx)))
         return dx
 
 

@@ -3,13 +3,20 @@
 Two memory layouts cover every dense batch-norm input:
 
 * **planar** ``(N, C, L)``, C-contiguous (NCHW, NCL, NCDHW with ``L > 1``):
-  each ``(n, c)`` pair owns a contiguous run of ``L`` values; the parallel
-  loop runs over those ``N * C`` runs and the inner loop over ``L``
-  vectorises.
+  each ``(n, c)`` pair owns a contiguous run of ``L`` values; a kernel call
+  takes the runs ``start:stop`` of the ``N * C`` (``r = n * C + c``), the
+  inner loop over ``L`` vectorises, and reductions write one partial sum per
+  run.
 * **rows** ``(M, C)``, C-contiguous (channels_last / NHWC, channels_last_3d,
-  and ``(N, C)`` inputs): each row holds one value of every channel; the
-  parallel loop runs over blocks of rows and the inner loop over the
-  channels vectorises, accumulating per-channel partial sums per block.
+  and ``(N, C)`` inputs): each row holds one value of every channel; a
+  kernel call takes the rows ``start:stop``, the inner loop over the
+  channels vectorises, and reductions accumulate per-channel partial sums
+  into the slot they are given.
+
+Every kernel is serial and releases the GIL (``nogil``): the caller splits
+the work into ranges and runs them on its own threads (see
+:mod:`batchnorm.kernels.cpu`), so there is no second OpenMP runtime in the
+process spinning beside PyTorch's.
 
 Statistics are *shifted sums* in float64: ``S1 = sum(x - K)`` and
 ``S2 = sum((x - K)^2)`` around ``K``, one value of the channel, so one read
@@ -35,12 +42,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 ACT = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "sigmoid": 5, "tanh": 6}
 
-_REDUCE = {"fastmath": {"reassoc"}, "parallel": True, "cache": True, "nogil": True}
-_ELEMENTWISE = {"parallel": True, "cache": True, "nogil": True}
+_REDUCE = {"fastmath": {"reassoc"}, "cache": True, "nogil": True}
+_ELEMENTWISE = {"cache": True, "nogil": True}
 
 # consts[...] in the compute dtype (numba would promote float32 arithmetic
 # with Python float literals to float64): 0, 1, 0.5, 1/sqrt(2), 1/sqrt(2 pi),
@@ -111,38 +118,40 @@ def saves_output(activation, negative_slope) -> bool:
 # ---------------------------------------------------------------- statistics
 
 @njit(**_REDUCE)
-def shifted_sums_planar(x, shift, out):
-    """``out[n, c] = (sum(x[n, c] - shift[c]), sum((x[n, c] - shift[c])^2))`` in float64."""
+def shifted_sums_planar(x, shift, out, start, stop):
+    """``out[r] = (sum(x[n, c] - shift[c]), sum((x[n, c] - shift[c])^2))`` in
+    float64 for the runs ``r = n * C + c`` in ``start:stop``."""
     N, C, L = x.shape
-    for r in prange(N * C):
+    for r in range(start, stop):
         n = r // C
         c = r - n * C
         k = shift[c]
+        xr = x[n, c]
         s1 = 0.0
         s2 = 0.0
         for i in range(L):
-            d = np.float64(x[n, c, i]) - k
+            d = np.float64(xr[i]) - k
             s1 += d
             s2 += d * d
-        out[n, c, 0] = s1
-        out[n, c, 1] = s2
+        out[r, 0] = s1
+        out[r, 1] = s2
 
 
 @njit(**_REDUCE)
-def shifted_sums_rows(x, shift, out):
-    """Per block ``b`` of rows: ``out[b] = (sum(x - shift), sum((x - shift)^2))``."""
-    M, C = x.shape
-    B = out.shape[0]
-    for b in prange(B):
-        s1 = out[b, 0]
-        s2 = out[b, 1]
-        s1[:] = 0.0
-        s2[:] = 0.0
-        for r in range(b * M // B, (b + 1) * M // B):
-            for c in range(C):
-                d = np.float64(x[r, c]) - shift[c]
-                s1[c] += d
-                s2[c] += d * d
+def shifted_sums_rows(x, shift, out, start, stop):
+    """``out = (sum(x - shift), sum((x - shift)^2))`` per channel over the rows
+    ``start:stop``; ``out`` is this range's ``(2, C)`` slot."""
+    C = x.shape[1]
+    s1 = out[0]
+    s2 = out[1]
+    s1[:] = 0.0
+    s2[:] = 0.0
+    for r in range(start, stop):
+        xr = x[r]
+        for c in range(C):
+            d = np.float64(xr[c]) - shift[c]
+            s1[c] += d
+            s2[c] += d * d
 
 
 # ---------------------------------------------------------------- specialised kernels
@@ -170,10 +179,10 @@ def _make_normalize(planar, code, has_res, save_pre):
     """``out = act(z)``, ``z = (x - hi) * scale + shift (+ res)``; ``pre = z`` if ``save_pre``."""
     if planar:
         @njit(**_ELEMENTWISE)
-        def normalize_planar(x, hi, scale, shift, res, out, pre, k):
+        def normalize_planar(x, hi, scale, shift, res, out, pre, k, start, stop):
             kk = _unpack(k)
             N, C, L = x.shape
-            for r in prange(N * C):
+            for r in range(start, stop):
                 n = r // C
                 c = r - n * C
                 h, s, t = hi[c], scale[c], shift[c]
@@ -190,33 +199,32 @@ def _make_normalize(planar, code, has_res, save_pre):
         return normalize_planar
 
     @njit(**_ELEMENTWISE)
-    def normalize_rows(x, hi, scale, shift, res, out, pre, k, blocks):
+    def normalize_rows(x, hi, scale, shift, res, out, pre, k, start, stop):
         kk = _unpack(k)
-        M, C = x.shape
-        for b in prange(blocks):
-            for r in range(b * M // blocks, (b + 1) * M // blocks):
-                xr, orow = x[r], out[r]
-                rr = res[r] if has_res else xr
-                pr = pre[r] if save_pre else orow
-                for c in range(C):
-                    z = (xr[c] - hi[c]) * scale[c] + shift[c]
-                    if has_res:
-                        z += rr[c]
-                    if save_pre:
-                        pr[c] = z
-                    orow[c] = _act(z, code, kk)
+        C = x.shape[1]
+        for r in range(start, stop):
+            xr, orow = x[r], out[r]
+            rr = res[r] if has_res else xr
+            pr = pre[r] if save_pre else orow
+            for c in range(C):
+                z = (xr[c] - hi[c]) * scale[c] + shift[c]
+                if has_res:
+                    z += rr[c]
+                if save_pre:
+                    pr[c] = z
+                orow[c] = _act(z, code, kk)
     return normalize_rows
 
 
 def _make_grad_sums(planar, code, keep_g):
     """Float64 ``(sum(g), sum(g * (x - hi)))`` with ``g = dy * act'(.)``; ``g``
-    written out when ``keep_g``. Planar: per ``(n, c)``; rows: per block of rows."""
+    written out when ``keep_g``. Planar: one partial per run; rows: into the slot given."""
     if planar:
         @njit(**_REDUCE)
-        def grad_sums_planar(dy, x, a, hi, k, g, out):
+        def grad_sums_planar(dy, x, a, hi, k, g, out, start, stop):
             kk = _unpack(k)
             N, C, L = x.shape
-            for r in prange(N * C):
+            for r in range(start, stop):
                 n = r // C
                 c = r - n * C
                 h = hi[c]
@@ -231,30 +239,28 @@ def _make_grad_sums(planar, code, keep_g):
                         gr[i] = gv
                     s1 += np.float64(gv)
                     s2 += np.float64(gv) * np.float64(xr[i] - h)
-                out[n, c, 0] = s1
-                out[n, c, 1] = s2
+                out[r, 0] = s1
+                out[r, 1] = s2
         return grad_sums_planar
 
     @njit(**_REDUCE)
-    def grad_sums_rows(dy, x, a, hi, k, g, out):
+    def grad_sums_rows(dy, x, a, hi, k, g, out, start, stop):
         kk = _unpack(k)
-        M, C = x.shape
-        B = out.shape[0]
-        for b in prange(B):
-            s1 = out[b, 0]
-            s2 = out[b, 1]
-            s1[:] = 0.0
-            s2[:] = 0.0
-            for r in range(b * M // B, (b + 1) * M // B):
-                dr, xr = dy[r], x[r]
-                ar = a[r] if code else dr
-                gr = g[r] if keep_g else dr
-                for c in range(C):
-                    gv = _act_grad(dr[c], ar[c], code, kk)
-                    if keep_g:
-                        gr[c] = gv
-                    s1[c] += np.float64(gv)
-                    s2[c] += np.float64(gv) * np.float64(xr[c] - hi[c])
+        C = x.shape[1]
+        s1 = out[0]
+        s2 = out[1]
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(start, stop):
+            dr, xr = dy[r], x[r]
+            ar = a[r] if code else dr
+            gr = g[r] if keep_g else dr
+            for c in range(C):
+                gv = _act_grad(dr[c], ar[c], code, kk)
+                if keep_g:
+                    gr[c] = gv
+                s1[c] += np.float64(gv)
+                s2[c] += np.float64(gv) * np.float64(xr[c] - hi[c])
     return grad_sums_rows
 
 
@@ -263,10 +269,10 @@ def _make_grad_input(planar, code, use_g, training):
     ``g`` read from ``g`` when ``use_g``, else recomputed from ``dy``."""
     if planar:
         @njit(**_ELEMENTWISE)
-        def grad_input_planar(dy, x, a, hi, k, g, kx, c0, scale, dx):
+        def grad_input_planar(dy, x, a, hi, k, g, kx, c0, scale, dx, start, stop):
             kk = _unpack(k)
             N, C, L = x.shape
-            for r in prange(N * C):
+            for r in range(start, stop):
                 n = r // C
                 c = r - n * C
                 h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
@@ -282,20 +288,19 @@ def _make_grad_input(planar, code, use_g, training):
         return grad_input_planar
 
     @njit(**_ELEMENTWISE)
-    def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, blocks):
+    def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, start, stop):
         kk = _unpack(k)
-        M, C = x.shape
-        for b in prange(blocks):
-            for r in range(b * M // blocks, (b + 1) * M // blocks):
-                dr, xr, dxr = dy[r], x[r], dx[r]
-                ar = a[r] if code and not use_g else dr
-                gr = g[r] if use_g else dr
-                for c in range(C):
-                    gv = gr[c] if use_g else _act_grad(dr[c], ar[c], code, kk)
-                    if training:
-                        dxr[c] = kx[c] * (xr[c] - hi[c]) + c0[c] + scale[c] * gv
-                    else:
-                        dxr[c] = scale[c] * gv
+        C = x.shape[1]
+        for r in range(start, stop):
+            dr, xr, dxr = dy[r], x[r], dx[r]
+            ar = a[r] if code and not use_g else dr
+            gr = g[r] if use_g else dr
+            for c in range(C):
+                gv = gr[c] if use_g else _act_grad(dr[c], ar[c], code, kk)
+                if training:
+                    dxr[c] = kx[c] * (xr[c] - hi[c]) + c0[c] + scale[c] * gv
+                else:
+                    dxr[c] = scale[c] * gv
     return grad_input_rows
 
 
