@@ -1,8 +1,12 @@
 """Benchmark: our ``BatchNorm2d`` against ``torch.nn.BatchNorm2d``, same process.
 
-Training mode, forward and forward+backward, NCHW and channels_last, float32
-and bfloat16, ResNet-like shapes, plain and with ReLU (ours fused
-``activation="relu"``, torch's BN then ``torch.relu``). Both sides allocate
+Training mode (forward, and the training step forward+backward) and eval
+mode (forward under ``no_grad``), NCHW and channels_last, float32 and
+bfloat16, ResNet-like shapes, plain BN, BN+ReLU (ours fused
+``activation="relu"``, torch's BN then ``torch.relu``) and BN+add+ReLU, a
+residual block's tail (ours ``residual=``, torch's BN, ``+``, ``relu``).
+The first-call (compile) time of the CPU kernels is measured in fresh
+processes, with an empty and with a filled Numba cache. Both sides allocate
 a fresh output (and fresh gradients) on every call, as a user's training step
 does; neither reuses buffers between calls. Gradients are taken with
 ``torch.autograd.grad`` for the input, weight and bias, so no ``.grad``
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,11 +50,14 @@ SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7
 QUICK_SHAPES = [(32, 256, 14, 14), (8, 64, 8, 8)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-ACTIVATIONS = [None, "relu"]
+EPILOGUES = [None, "relu", "add_relu"]
+# bfloat16 gets the two main epilogues only, to keep the run short.
+EPILOGUES_BY_DTYPE = {"float32": EPILOGUES, "bfloat16": [None, "relu"]}
 ALLOCATION = "fresh output and gradients per call, both sides"
 
 
-def _modules(C, activation, device):
+def _modules(C, epilogue, device):
+    activation = "relu" if epilogue in ("relu", "add_relu") else None
     ours = batchnorm.BatchNorm2d(C, activation=activation, device=device)
     theirs = torch.nn.BatchNorm2d(C, device=device)
     g = torch.Generator().manual_seed(1)
@@ -60,44 +68,63 @@ def _modules(C, activation, device):
     return ours.train(), theirs.train()
 
 
-def _min_bytes(numel, itemsize, pass_, activation):
-    """The fewest bytes the op must move: read x, write y (+ read g, x, [y], write dx)."""
-    fwd = 2 * numel * itemsize
-    if pass_ == "forward":
+def _min_bytes(numel, itemsize, pass_, epilogue):
+    """The fewest bytes the op must move: read x, [residual], write y (+ read g, x,
+    [y], write dx, [write the residual's gradient])."""
+    res = epilogue == "add_relu"
+    fwd = (2 + res) * numel * itemsize
+    if pass_ in ("forward", "eval"):
         return fwd
-    return fwd + (3 + (activation is not None)) * numel * itemsize
+    return fwd + (3 + (epilogue is not None) + res) * numel * itemsize
 
 
-def bench_case(shape, dtype, fmt, activation, device, rounds, min_run_time, peak_gbps,
+def bench_case(shape, dtype, fmt, epilogue, device, rounds, min_run_time, peak_gbps,
                quiet=0.1):
-    """Rows for one (shape, dtype, memory format, activation): forward and forward+backward."""
+    """Rows for one (shape, dtype, memory format, epilogue): forward, step, eval."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
     x.requires_grad_()
     grad = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
-    ours, theirs = _modules(shape[1], activation, device)
+    res = None
+    if epilogue == "add_relu":
+        res = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+        res.requires_grad_()
+    ours, theirs = _modules(shape[1], epilogue, device)
+    wrt_ours = (x, ours.weight, ours.bias) + ((res,) if res is not None else ())
+    wrt_torch = (x, theirs.weight, theirs.bias) + ((res,) if res is not None else ())
 
     def ours_fwd():
-        return ours(x)
+        return ours(x) if res is None else ours(x, res)
 
     def torch_fwd():
         y = theirs(x)
-        return torch.relu(y) if activation == "relu" else y
+        if res is not None:
+            y = y + res
+        return torch.relu(y) if epilogue is not None else y
 
     def ours_fb():
-        return torch.autograd.grad(ours_fwd(), (x, ours.weight, ours.bias), grad)
+        return torch.autograd.grad(ours_fwd(), wrt_ours, grad)
 
     def torch_fb():
-        return torch.autograd.grad(torch_fwd(), (x, theirs.weight, theirs.bias), grad)
+        return torch.autograd.grad(torch_fwd(), wrt_torch, grad)
+
+    def in_eval(fn, module):
+        def run():
+            with torch.no_grad():
+                return fn()
+        module.eval()
+        return run
 
     # Both sides against a float64 run of torch's module on the same values:
     # ours must be accurate, or the timing means nothing (torch's own error is
     # recorded too; its channels_last float32 backward is not always accurate).
     exact = copy.deepcopy(theirs).double()
     x64 = x.detach().double().requires_grad_()
-    y64 = exact(x64)
-    y64 = torch.relu(y64) if activation == "relu" else y64
-    want = (y64, *torch.autograd.grad(y64, (x64, exact.weight, exact.bias), grad.double()))
+    r64 = None if res is None else res.detach().double().requires_grad_()
+    y64 = exact(x64) if r64 is None else exact(x64) + r64
+    y64 = torch.relu(y64) if epilogue is not None else y64
+    wrt64 = (x64, exact.weight, exact.bias) + ((r64,) if r64 is not None else ())
+    want = (y64, *torch.autograd.grad(y64, wrt64, grad.double()))
 
     def max_rel_err(got):
         return max(((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
@@ -107,21 +134,24 @@ def bench_case(shape, dtype, fmt, activation, device, rounds, min_run_time, peak
     torch_err = max_rel_err((torch_fwd(), *torch_fb()))
     if not ours_err <= (1e-4 if dtype == torch.float32 else 3e-2):
         raise RuntimeError(f"ours is off by {ours_err:.3g} (relative, vs float64) on {shape} "
-                           f"{dtype} {fmt} activation={activation}")
+                           f"{dtype} {fmt} epilogue={epilogue}")
 
     rows = []
     backend = resolve_backend("auto", x).__name__.rsplit(".", 1)[-1]
     fmt_name = next(k for k, v in FORMATS.items() if v == fmt)
     dtype_name = str(dtype).removeprefix("torch.")
-    for pass_, fns in (("forward", {"torch": torch_fwd, "ours": ours_fwd}),
-                       ("forward+backward", {"torch": torch_fb, "ours": ours_fb})):
-        t = H.compare(fns, device, rounds, min_run_time, quiet)
-        gbps = _min_bytes(x.numel(), x.element_size(), pass_, activation) / t["ours"].median / 1e9
+    passes = (("forward", lambda: {"torch": torch_fwd, "ours": ours_fwd}),
+              ("forward+backward", lambda: {"torch": torch_fb, "ours": ours_fb}),
+              ("eval", lambda: {"torch": in_eval(torch_fwd, theirs),
+                                "ours": in_eval(ours_fwd, ours)}))
+    for pass_, make in passes:
+        t = H.compare(make(), device, rounds, min_run_time, quiet)
+        gbps = _min_bytes(x.numel(), x.element_size(), pass_, epilogue) / t["ours"].median / 1e9
         rows.append({
             "op": "batch_norm",
-            "case": f"{H.shape_str(shape)} {fmt_name} {dtype_name} {activation or 'none'}",
+            "case": f"{H.shape_str(shape)} {fmt_name} {dtype_name} {epilogue or 'none'}",
             "pass": pass_, "shape": H.shape_str(shape), "dtype": dtype_name,
-            "memory_format": fmt_name, "activation": activation or "none", "backend": backend,
+            "memory_format": fmt_name, "activation": epilogue or "none", "backend": backend,
             "torch_ms": t["torch"].median * 1e3, "ours_ms": t["ours"].median * 1e3,
             "ratio": t["torch"].median / t["ours"].median,
             "torch_q20_ms": t["torch"].q20 * 1e3, "torch_q80_ms": t["torch"].q80 * 1e3,
@@ -132,6 +162,50 @@ def bench_case(shape, dtype, fmt, activation, device, rounds, min_run_time, peak
             "others_cpu": t["ours"].others_cpu,
         })
     return rows
+
+
+_FIRST_CALL = """
+import json, sys, time
+import torch
+t0 = time.perf_counter()
+import batchnorm
+from batchnorm.kernels.cpu import _kernels
+t1 = time.perf_counter()
+x = torch.randn(8, 16, 10, 10, requires_grad=True)
+m = batchnorm.BatchNorm2d(16, activation="relu")
+times = []
+for _ in range(3):
+    start = time.perf_counter()
+    m(x).sum().backward()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"import_s": t1 - t0, "first_step_s": times[0], "third_step_s": times[2]}))
+"""
+
+
+def first_call_times() -> list[dict]:
+    """The CPU kernels' first training step in fresh processes: with an empty
+    Numba cache (compiles), then with the cache that run filled (loads)."""
+    import json
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("empty cache (compile)", "filled cache (load)"):
+            out = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            rows.append({"case": label, **json.loads(out)})
+    return rows
+
+
+def first_call_table(rows) -> str:
+    lines = ["| fresh process, Numba cache | import batchnorm s | first training step s "
+             "| third step ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['import_s']:.2f} | {r['first_step_s']:.2f} "
+              f"| {1e3 * r['third_step_s']:.2f} |" for r in rows]
+    return ("BatchNorm2d(16, activation=\"relu\") on an 8x16x10x10 float32 input, one "
+            "training step (forward and backward).\n\n" + "\n".join(lines))
 
 
 def build_parser():
@@ -181,7 +255,10 @@ def main(argv=None) -> int:
           f"allocation: {ALLOCATION}", flush=True)
     rows = []
     start = time.perf_counter()
-    cases = list(itertools.product(shapes, FORMATS.values(), DTYPES.values(), ACTIVATIONS))
+    cases = [(shape, fmt, dtype, epi)
+             for shape, fmt, (dname, dtype) in itertools.product(shapes, FORMATS.values(),
+                                                                DTYPES.items())
+             for epi in EPILOGUES_BY_DTYPE[dname]]
     for i, (shape, fmt, dtype, act) in enumerate(cases, 1):
         quiet = args.max_others_cpu if args.max_others_cpu >= 0 else None
         new = bench_case(shape, dtype, fmt, act, device, rounds, min_run_time, peak, quiet)
@@ -202,6 +279,11 @@ def main(argv=None) -> int:
             print(f"wrote {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
     print()
     print(plot.markdown_table(H.read_csv(path)))
+    if dev_kind == "cpu" and not args.quick:
+        table = first_call_table(first_call_times())
+        print("\n" + table)
+        for doc in (ROOT / "docs/performance.md",):
+            plot.replace_block(doc, "cpu_first_call", table)
     return 0
 
 

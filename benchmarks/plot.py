@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections import OrderedDict
@@ -21,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
-PASSES = ("forward", "forward+backward")
+PASSES = ("forward", "forward+backward", "eval")
+_SHORT = {"forward": "fwd", "forward+backward": "step", "eval": "eval"}
 _FMT = {"nchw": "NCHW", "channels_last": "NHWC"}
 _DT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
@@ -36,7 +38,10 @@ def _group(rows):
 
 def _label(r):
     return (f"{r['shape']} {_FMT.get(r['memory_format'], r['memory_format'])} "
-            f"{_DT.get(r['dtype'], r['dtype'])}{' +relu' if r['activation'] != 'none' else ''}")
+            f"{_DT.get(r['dtype'], r['dtype'])}{_EPILOGUE.get(r['activation'], '')}")
+
+
+_EPILOGUE = {"relu": " +relu", "add_relu": " +add+relu"}
 
 
 def environment_line(rows) -> str:
@@ -52,15 +57,16 @@ def markdown_table(rows) -> str:
     ``ratio = torch / ours``: above 1 we are faster.
     """
     head = ["shape (N,C,H,W)", "layout", "dtype", "act"]
-    for p in PASSES:
-        short = "fwd" if p == "forward" else "fwd+bwd"
+    passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
+    for p in passes:
+        short = _SHORT[p]
         head += [f"{short} torch ms", f"{short} ours ms", f"{short} ratio"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (3 * len(PASSES))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (3 * len(passes))]
     for case in _group(rows).values():
         any_row = next(iter(case.values()))
         cells = [any_row["shape"], _FMT.get(any_row["memory_format"], any_row["memory_format"]),
                  _DT.get(any_row["dtype"], any_row["dtype"]), any_row["activation"]]
-        for p in PASSES:
+        for p in passes:
             r = case.get(p)
             if r is None:
                 cells += ["", "", ""]
@@ -69,7 +75,29 @@ def markdown_table(rows) -> str:
                       f"**{float(r['ratio']):.2f}**" if float(r["ratio"]) >= 1
                       else f"{float(r['ratio']):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return environment_line(rows) + "\n\n" + "\n".join(lines)
+    return (environment_line(rows) + "\n\n" + summary_table(rows, passes) + "\n\n"
+            + "\n".join(lines))
+
+
+def summary_table(rows, passes) -> str:
+    """Geometric mean and worst ratio per layout, dtype and epilogue, per pass."""
+    groups: OrderedDict[tuple, dict[str, list[float]]] = OrderedDict()
+    for r in rows:
+        key = (r["memory_format"], r["dtype"], r["activation"])
+        groups.setdefault(key, {}).setdefault(r["pass"], []).append(float(r["ratio"]))
+    head = ["layout", "dtype", "epilogue"] + [f"{_SHORT[p]} geomean (worst)" for p in passes]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(passes)]
+    for (fmt, dt, act), by_pass in groups.items():
+        cells = [_FMT.get(fmt, fmt), _DT.get(dt, dt), act]
+        for p in passes:
+            v = by_pass.get(p)
+            if not v:
+                cells.append("")
+                continue
+            gm = math.exp(sum(math.log(x) for x in v) / len(v))
+            cells.append(f"**{gm:.2f}** ({min(v):.2f})" if gm >= 1 else f"{gm:.2f} ({min(v):.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_ratios(rows, png: str | Path) -> Path | None:
@@ -85,11 +113,12 @@ def plot_ratios(rows, png: str | Path) -> Path | None:
 
     cases = _group(rows)
     labels = [_label(next(iter(c.values()))) for c in cases.values()]
-    fig, axes = plt.subplots(1, len(PASSES), figsize=(12, 0.22 * len(labels) + 1.6),
+    passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(passes), figsize=(4 * len(passes), 0.22 * len(labels) + 1.6),
                              sharey=True)
     colors = {("nchw", "float32"): "#4c72b0", ("channels_last", "float32"): "#55a868",
               ("nchw", "bfloat16"): "#c44e52", ("channels_last", "bfloat16"): "#8172b2"}
-    for ax, p in zip(axes, PASSES, strict=True):
+    for ax, p in zip(axes, passes, strict=True):
         ratios, cols = [], []
         for c in cases.values():
             r = c.get(p)
@@ -128,12 +157,17 @@ def plot_ratios(rows, png: str | Path) -> Path | None:
 
 def update_doc(doc: str | Path, csv_path: str | Path) -> bool:
     """Replace the table between the markers for ``csv_path``'s stem; ``False`` if none."""
-    doc, name = Path(doc), Path(csv_path).stem
-    text = doc.read_text()
+    return replace_block(doc, Path(csv_path).stem, markdown_table(H.read_csv(csv_path)))
+
+
+def replace_block(doc: str | Path, name: str, text: str) -> bool:
+    """Put ``text`` between ``<!-- bench-table: name -->`` and its end marker in
+    ``doc``; ``False`` if the marker is not there."""
+    doc = Path(doc)
+    old = doc.read_text()
     pattern = re.compile(rf"(<!-- bench-table: {re.escape(name)} -->\n).*?(<!-- /bench-table -->)",
                          re.S)
-    table = markdown_table(H.read_csv(csv_path))
-    new, n = pattern.subn(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+    new, n = pattern.subn(lambda m: m.group(1) + text + "\n" + m.group(2), old)
     if n:
         doc.write_text(new)
     return bool(n)

@@ -440,6 +440,7 @@ def test_a_rank_that_never_arrives_surfaces_as_a_timeout_error(tmp_path):
 
 
 def _dead_worker(rank, world):
+    dist.barrier()  # the group is up on both ranks (else rank 0's init sees the death)
     if rank == 1:
         os._exit(0)  # dies without a word
     try:

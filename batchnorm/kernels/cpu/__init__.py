@@ -150,17 +150,17 @@ def _ranges(v: _View) -> int:
 
 
 def _reduce(v: _View, kernel, args) -> np.ndarray:
-    """``(2, C)`` float64 sums of a reduction kernel over the whole of ``v``."""
+    """The ``(P, 2, C)`` float64 partial sums of a reduction kernel over ``v``."""
     C = v.shape[1]
     total = _ranges(v)
     tasks = _tasks(v.numel, total)
     if v.kind == "planar":
-        part = np.empty((total, 2))
+        part = np.empty((v.shape[0], 2, C))
         _run(lambda _i, a, b: kernel(*args, part, a, b), total, tasks)
-        return part.reshape(v.shape[0], C, 2).sum(axis=0).T
-    part = np.empty((tasks, 2, C))
-    _run(lambda i, a, b: kernel(*args, part[i], a, b), total, tasks)
-    return part.sum(axis=0)
+    else:
+        part = np.empty((tasks, 2, C))
+        _run(lambda i, a, b: kernel(*args, part[i], a, b), total, tasks)
+    return part
 
 
 def _elementwise(v: _View, kernel, args) -> None:
@@ -168,26 +168,18 @@ def _elementwise(v: _View, kernel, args) -> None:
     _run(lambda _i, a, b: kernel(*args, a, b), total, _tasks(v.numel, total))
 
 
-def _shifted_stats(v: _View, xv: np.ndarray, shift: np.ndarray):
-    """``(lo, ex2)``: per-channel ``mean(x - shift)`` and ``mean((x - shift)^2)``."""
-    kernel = K.shifted_sums_planar if v.kind == "planar" else K.shifted_sums_rows
-    sums = _reduce(v, kernel, (xv, shift))
-    m = xv.size // v.shape[1]
-    return sums[0] / m, sums[1] / m
-
-
 def _stats(v: _View, xv: np.ndarray):
     """Float64 ``(mean, var)`` per channel: shifted sums around one value of the
     channel, again around the mean found if that value was an outlier."""
+    kernel = K.shifted_sums_planar if v.kind == "planar" else K.shifted_sums_rows
     shift = (xv[0, :, 0] if v.kind == "planar" else xv[0]).astype(np.float64)
-    with np.errstate(invalid="ignore"):  # NaN/Inf input: NaN statistics, as torch
-        lo, ex2 = _shifted_stats(v, xv, shift)
-        var = ex2 - lo * lo
-        if np.any(lo * lo > _RECENTRE * var):
-            shift = shift + lo
-            lo, ex2 = _shifted_stats(v, xv, shift)
-            var = ex2 - lo * lo
-        return shift + lo, np.maximum(var, 0.0)
+    C = v.shape[1]
+    mean, var = np.empty(C), np.empty(C)
+    m = v.numel // C
+    if K.finalize_stats(_reduce(v, kernel, (xv, shift)), shift, m, _RECENTRE, mean, var):
+        K.finalize_stats(_reduce(v, kernel, (xv, mean.copy())), mean.copy(), m, np.inf,
+                         mean, var)
+    return mean, var
 
 
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,17 +191,21 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mean), torch.from_numpy(var).to(x.dtype)
 
 
-def _affine(mean: np.ndarray, invstd: np.ndarray, weight, bias, ndt):
-    """``hi, scale, shift`` (compute dtype) with ``weight * (x - mean) * invstd + bias
-    == (x - hi) * scale + shift``."""
-    scale = invstd if weight is None else invstd * weight.detach().numpy().astype(ndt)
-    hi = mean.astype(ndt)
-    with np.errstate(invalid="ignore"):
-        lo = (mean - hi).astype(ndt)
-    shift = -lo * scale
-    if bias is not None:
-        shift = shift + bias.detach().numpy().astype(ndt)
-    return hi, np.ascontiguousarray(scale, ndt), np.ascontiguousarray(shift, ndt)
+def _param(t, ndt) -> np.ndarray:
+    """A weight or bias as the kernels take it (empty for ``None``)."""
+    if t is None:
+        return np.empty(0, ndt)
+    a = t.detach().numpy()
+    return a if a.dtype == ndt else a.astype(ndt)
+
+
+def _affine(mean, var, eps, weight, bias, ndt):
+    """``(invstd, hi, scale, shift)`` in the compute dtype; see K.prepare_affine."""
+    C = mean.shape[0]
+    invstd, hi, scale, shift = (np.empty(C, ndt) for _ in range(4))
+    K.prepare_affine(mean, var, eps, _param(weight, ndt), _param(bias, ndt), invstd, hi,
+                     scale, shift)
+    return invstd, hi, scale, shift
 
 
 def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope):
@@ -236,9 +232,15 @@ def normalize(x, mean, invstd, weight, bias, residual=None, activation=None,
         return torch_ops.normalize(x, mean, invstd, weight, bias, residual, activation,
                                    negative_slope)
     ndt = _np_dtype(x.dtype)
-    hi, scale, shift = _affine(mean.detach().double().numpy(),
-                               invstd.detach().numpy().astype(ndt), weight, bias, ndt)
-    return _normalize(v, x, v.of(x), hi, scale, shift, residual, activation, negative_slope)
+    m = mean.detach().double().numpy()
+    inv = invstd.detach().numpy().astype(ndt)
+    scale = inv * _param(weight, ndt) if weight is not None else inv
+    hi = m.astype(ndt)
+    shift = -(m - hi).astype(ndt) * scale
+    if bias is not None:
+        shift = shift + _param(bias, ndt)
+    return _normalize(v, x, v.of(x), hi, np.ascontiguousarray(scale, ndt),
+                      np.ascontiguousarray(shift, ndt), residual, activation, negative_slope)
 
 
 def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
@@ -253,14 +255,15 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
     if training:
         mean, var = _stats(v, xv)
     else:
-        mean = running_mean.detach().numpy().astype(ndt)
-        var = running_var.detach().numpy().astype(ndt)
-    invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(ndt)
-    hi, scale, shift = _affine(mean.astype(np.float64), invstd, weight, bias, ndt)
+        mean = running_mean.detach().numpy()
+        var = running_var.detach().numpy()
+    invstd, hi, scale, shift = _affine(mean, var, eps, weight, bias, ndt)
     out, act_saved = _normalize(v, x, xv, hi, scale, shift, residual, activation,
                                 negative_slope)
-    return (out, act_saved, torch.from_numpy(np.asarray(mean)),
-            torch.from_numpy(np.asarray(var, dtype=ndt)), torch.from_numpy(invstd))
+    mean_t = torch.from_numpy(mean) if training else running_mean.to(compute_dtype(x.dtype))
+    var_t = torch.from_numpy(var.astype(ndt)) if training else running_var.to(
+        compute_dtype(x.dtype))
+    return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
 
 
 # ---------------------------------------------------------------- backward
@@ -282,25 +285,25 @@ class _Grad:
         self.lo = m - self.hi  # float64
 
     def sums(self, keep_g):
-        """``(sum_g, sum_gxc, g)``: float64 sums (centred on the exact mean) and
-        the full-size ``g`` when ``keep_g``."""
+        """``(part, g)``: the ``(P, 2, C)`` partial sums of ``g`` and
+        ``g * (x - hi)``, and the full-size ``g`` when ``keep_g``."""
         v = self.v
         g = _empty_like(self.x) if keep_g else None
         kernel = K.specialised("grad_sums", v.kind == "planar", self.code, keep_g)
-        s = _reduce(v, kernel, (self.dy, self.xv, self.a, self.hi, self.k,
-                                v.of(g) if keep_g else _dummy(v, self.ndt)))
-        return s[0], s[1] - self.lo * s[0], g
+        part = _reduce(v, kernel, (self.dy, self.xv, self.a, self.hi, self.k,
+                                   v.of(g) if keep_g else _dummy(v, self.ndt)))
+        return part, g
 
-    def grad_input(self, invstd, weight, sum_g, sum_gxc, count, training, g=None):
+    def coefficients(self, part, invstd, weight, count, training):
+        """``(sum_g, sum_gxc, kx, c0, scale)``, float64, from the partial sums."""
+        C = self.v.shape[1]
+        out = [np.empty(C) for _ in range(5)]
+        K.finalize_grad(part, self.lo, invstd.detach().numpy(), _param(weight, self.ndt),
+                        count, training, *out[:2], *out[2:])
+        return out
+
+    def grad_input(self, kx, c0, scale, training, g=None):
         ndt, v = self.ndt, self.v
-        inv = invstd.detach().double().numpy()
-        scale = inv if weight is None else inv * weight.detach().double().numpy()
-        if training:
-            m = max(count, 1)
-            kx = -scale * inv * inv * np.asarray(sum_gxc, np.float64) / m
-            c0 = -scale * np.asarray(sum_g, np.float64) / m - kx * self.lo
-        else:
-            kx = c0 = scale
         dx = _empty_like(self.x)
         use_g = g is not None
         kernel = K.specialised("grad_input", v.kind == "planar", self.code, use_g,
@@ -320,12 +323,10 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
                                   negative_slope, training, needs_input_grad)
     need_x, need_w, need_b, need_r = needs_input_grad
     grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
-    sum_g = sum_gxc = g = None
-    if need_b or need_w or need_r or (need_x and training):
-        sum_g, sum_gxc, g = grad.sums(keep_g=need_r)
-    grad_input = None
-    if need_x:
-        grad_input = grad.grad_input(invstd, weight, sum_g, sum_gxc, _count(x), training, g)
+    part, g = grad.sums(keep_g=need_r)
+    sum_g, sum_gxc, kx, c0, scale = grad.coefficients(part, invstd, weight, _count(x),
+                                                      training)
+    grad_input = grad.grad_input(kx, c0, scale, training, g) if need_x else None
     cdtype = invstd.dtype
     grad_weight = (torch.from_numpy(sum_gxc * invstd.detach().double().numpy()).to(cdtype)
                    if need_w else None)
@@ -341,9 +342,11 @@ def backward_reduce(grad_out, x, mean, act_saved=None, activation=None, negative
         return torch_ops.backward_reduce(grad_out, x, mean, act_saved, activation,
                                          negative_slope, need_gxc, keep_g)
     grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
-    sum_g, sum_gxc, g = grad.sums(keep_g)
+    part, g = grad.sums(keep_g)
+    sums = part.sum(axis=0)
     cdtype = compute_dtype(x.dtype)
-    return (torch.from_numpy(sum_g).to(cdtype),
+    sum_gxc = sums[1] - grad.lo * sums[0]
+    return (torch.from_numpy(sums[0]).to(cdtype),
             torch.from_numpy(sum_gxc).to(cdtype) if need_gxc else None, g)
 
 
@@ -357,12 +360,14 @@ def backward_elementwise(grad_out, x, mean, invstd, weight, sum_g, sum_gxc, coun
                                               sum_gxc, count, act_saved, activation,
                                               negative_slope, training, g)
     grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
-    if training:
-        sum_g = sum_g.detach().double().numpy()
-        sum_gxc = sum_gxc.detach().double().numpy()
-    if g is not None:
-        g = v.like(g, x)
-    return grad.grad_input(invstd, weight, sum_g, sum_gxc, count, training, g)
+    C = x.shape[1]
+    kx, c0, scale = (np.empty(C) for _ in range(3))
+    empty = np.empty(0)
+    K.grad_coeffs(sum_g.detach().double().numpy() if training else empty,
+                  sum_gxc.detach().double().numpy() if training else empty, grad.lo,
+                  invstd.detach().numpy(), _param(weight, grad.ndt), count, training, kx, c0,
+                  scale)
+    return grad.grad_input(kx, c0, scale, training, None if g is None else v.like(g, x))
 
 
 def _count(x: torch.Tensor) -> int:

@@ -119,8 +119,8 @@ def saves_output(activation, negative_slope) -> bool:
 
 @njit(**_REDUCE)
 def shifted_sums_planar(x, shift, out, start, stop):
-    """``out[r] = (sum(x[n, c] - shift[c]), sum((x[n, c] - shift[c])^2))`` in
-    float64 for the runs ``r = n * C + c`` in ``start:stop``."""
+    """``out[n, :, c] = (sum(x[n, c] - shift[c]), sum((x[n, c] - shift[c])^2))``
+    in float64 for the runs ``r = n * C + c`` in ``start:stop``."""
     N, C, L = x.shape
     for r in range(start, stop):
         n = r // C
@@ -133,8 +133,8 @@ def shifted_sums_planar(x, shift, out, start, stop):
             d = np.float64(xr[i]) - k
             s1 += d
             s2 += d * d
-        out[r, 0] = s1
-        out[r, 1] = s2
+        out[n, 0, c] = s1
+        out[n, 1, c] = s2
 
 
 @njit(**_REDUCE)
@@ -152,6 +152,89 @@ def shifted_sums_rows(x, shift, out, start, stop):
             d = np.float64(xr[c]) - shift[c]
             s1[c] += d
             s2[c] += d * d
+
+
+# ---------------------------------------------------------------- per-channel steps
+#
+# The per-channel arithmetic between the passes, one call each instead of a
+# dozen NumPy operations on (C,) arrays (whose dispatch, not arithmetic,
+# dominates a small batch). ``part`` is the ``(P, 2, C)`` float64 partial
+# sums of a reduction; ``w``/``b`` empty arrays stand for no weight/bias.
+
+@njit(cache=True, nogil=True)
+def finalize_stats(part, shift, m, recentre, mean, var):
+    """``mean``, ``var`` (float64) from shifted partial sums over ``m`` values per
+    channel; True when some shift was more than ``sqrt(recentre)`` standard
+    deviations from the mean (the caller sums again around ``mean``)."""
+    P, _, C = part.shape
+    again = False
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(P):
+            s1 += part[p, 0, c]
+            s2 += part[p, 1, c]
+        lo = s1 / m
+        v = s2 / m - lo * lo
+        if lo * lo > recentre * v:
+            again = True
+        mean[c] = shift[c] + lo
+        var[c] = 0.0 if v < 0.0 else v  # NaN stays NaN
+    return again
+
+
+@njit(cache=True, nogil=True)
+def prepare_affine(mean, var, eps, w, b, invstd, hi, scale, shift):
+    """``invstd``, and ``hi``, ``scale``, ``shift`` (compute dtype) such that
+    ``w * (x - mean) * invstd + b == (x - hi) * scale + shift``, where
+    ``hi`` is ``mean`` rounded and ``shift`` carries the rounding error."""
+    for c in range(mean.size):
+        invstd[c] = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+        scale[c] = invstd[c] * w[c] if w.size else invstd[c]
+        hi[c] = mean[c]
+        shift[c] = np.float64(mean[c]) - np.float64(hi[c])  # lo, rounded
+        shift[c] = (b[c] - shift[c] * scale[c]) if b.size else -shift[c] * scale[c]
+
+
+@njit(cache=True, nogil=True)
+def finalize_grad(part, lo, invstd, w, count, training, sum_g, sum_gxc, kx, c0, scale):
+    """``sum_g``, ``sum_gxc`` (float64, centred on the exact mean ``hi + lo``) and
+    the coefficients of ``dx = kx * (x - hi) + c0 + scale * g``."""
+    P, _, C = part.shape
+    m = max(count, 1)
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(P):
+            s1 += part[p, 0, c]
+            s2 += part[p, 1, c]
+        sum_g[c] = s1
+        sum_gxc[c] = s2 - lo[c] * s1
+        coeffs(sum_g[c], sum_gxc[c], lo[c], invstd[c], w[c] if w.size else 1.0, m, training,
+               kx, c0, scale, c)
+
+
+@njit(inline="always")
+def coeffs(sg, sgx, lo, inv, w, m, training, kx, c0, scale, c):
+    inv = np.float64(inv)
+    sc = inv * np.float64(w)
+    scale[c] = sc
+    if training:
+        k = -sc * inv * inv * sgx / m
+        kx[c] = k
+        c0[c] = -sc * sg / m - k * lo
+    else:  # the statistics are constants: dx = scale * g
+        kx[c] = 0.0
+        c0[c] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def grad_coeffs(sum_g, sum_gxc, lo, invstd, w, count, training, kx, c0, scale):
+    """The coefficients of :func:`finalize_grad` from given sums (SyncBatchNorm's)."""
+    m = max(count, 1)
+    for c in range(lo.size):
+        coeffs(sum_g[c] if training else 0.0, sum_gxc[c] if training else 0.0, lo[c],
+               invstd[c], w[c] if w.size else 1.0, m, training, kx, c0, scale, c)
 
 
 # ---------------------------------------------------------------- specialised kernels
@@ -239,8 +322,8 @@ def _make_grad_sums(planar, code, keep_g):
                         gr[i] = gv
                     s1 += np.float64(gv)
                     s2 += np.float64(gv) * np.float64(xr[i] - h)
-                out[r, 0] = s1
-                out[r, 1] = s2
+                out[n, 0, c] = s1
+                out[n, 1, c] = s2
         return grad_sums_planar
 
     @njit(**_REDUCE)
