@@ -9,9 +9,9 @@ or dtype (float16, bfloat16: Numba has no such types) run on the portable
 path, per call, with the same results contract.
 
 Threads: the kernels are serial and release the GIL; a pass over a large
-tensor is split into ``torch.get_num_threads()`` ranges, one run by the
-calling thread and the rest by a pool of ``torch.get_num_threads() - 1``
-threads of ours, which sleep (no spinning) between calls. A program that
+tensor is cut into chunks that the calling thread and a pool of
+``torch.get_num_threads() - 1`` threads of ours take on demand; the pool's
+threads sleep (no spinning) between calls. A program that
 limits PyTorch (``torch.set_num_threads(1)``) limits these kernels too, the
 two never run at the same time, and there is no second OpenMP runtime in the
 process (Numba's ``parallel=True`` would bring one, spinning beside
@@ -21,6 +21,7 @@ calling thread alone: waking a thread costs more than it saves there.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -70,24 +71,45 @@ class _Pool:
 _POOL = _Pool()
 
 
-def _tasks(numel: int, ranges: int) -> int:
-    """How many ranges to split a pass over ``numel`` elements into."""
+# Chunks per thread: the calling thread starts at once and a pool thread joins
+# when it wakes (tens of microseconds later), so the work is cut finer than one
+# range per thread and handed out on demand; nobody waits for a late thread.
+_CHUNKS_PER_THREAD = 8
+_CHUNK_MIN = 1 << 15  # elements
+
+
+def _chunks(numel: int, ranges: int) -> int:
+    """How many chunks a pass over ``numel`` elements (``ranges`` units) is cut into."""
     if numel < PARALLEL_MIN:
         return 1
-    return max(1, min(torch.get_num_threads(), ranges))
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return 1
+    return max(1, min(ranges, threads * _CHUNKS_PER_THREAD, numel // _CHUNK_MIN))
 
 
-def _run(fn, total: int, tasks: int) -> None:
-    """``fn(i, start, stop)`` for ``tasks`` even ranges of ``range(total)``,
-    the first on this thread, the others on the pool, all finished on return."""
-    if tasks <= 1:
+def _run(fn, total: int, chunks: int) -> None:
+    """``fn(j, start, stop)`` for ``chunks`` even chunks ``j`` of ``range(total)``,
+    taken on demand by this thread and up to ``torch.get_num_threads() - 1`` pool
+    threads; all finished on return."""
+    if chunks <= 1:
         fn(0, 0, total)
         return
-    bounds = [total * i // tasks for i in range(tasks + 1)]
-    pool = _POOL.executor(tasks - 1)
-    futures = [pool.submit(fn, i, bounds[i], bounds[i + 1]) for i in range(1, tasks)]
+    bounds = [total * j // chunks for j in range(chunks + 1)]
+    # next() on an itertools.count is atomic under the GIL: each chunk is taken once.
+    counter = itertools.count()
+
+    def work():
+        for j in iter(counter.__next__, None):
+            if j >= chunks:
+                return
+            fn(j, bounds[j], bounds[j + 1])
+
+    helpers = min(torch.get_num_threads(), chunks) - 1
+    pool = _POOL.executor(helpers)
+    futures = [pool.submit(work) for _ in range(helpers)]
     try:
-        fn(0, bounds[0], bounds[1])
+        work()
     finally:
         for f in futures:
             f.result()
@@ -153,19 +175,19 @@ def _reduce(v: _View, kernel, args) -> np.ndarray:
     """The ``(P, 2, C)`` float64 partial sums of a reduction kernel over ``v``."""
     C = v.shape[1]
     total = _ranges(v)
-    tasks = _tasks(v.numel, total)
+    chunks = _chunks(v.numel, total)
     if v.kind == "planar":
         part = np.empty((v.shape[0], 2, C))
-        _run(lambda _i, a, b: kernel(*args, part, a, b), total, tasks)
+        _run(lambda _j, a, b: kernel(*args, part, a, b), total, chunks)
     else:
-        part = np.empty((tasks, 2, C))
-        _run(lambda i, a, b: kernel(*args, part[i], a, b), total, tasks)
+        part = np.empty((chunks, 2, C))
+        _run(lambda j, a, b: kernel(*args, part[j], a, b), total, chunks)
     return part
 
 
 def _elementwise(v: _View, kernel, args) -> None:
     total = _ranges(v)
-    _run(lambda _i, a, b: kernel(*args, a, b), total, _tasks(v.numel, total))
+    _run(lambda _j, a, b: kernel(*args, a, b), total, _chunks(v.numel, total))
 
 
 def _stats(v: _View, xv: np.ndarray):
