@@ -83,9 +83,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
               activation, negative_slope, residual)
     ops = resolve_backend(backend, input)
     update = training and running_mean is not None
-    result = _BatchNormFunction.apply(input, weight, bias, residual, running_mean,
-                                      running_var, training, eps, activation,
-                                      negative_slope, ops)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (input, weight, bias, residual)):
+        result = _BatchNormFunction.apply(input, weight, bias, residual, running_mean,
+                                          running_var, training, eps, activation,
+                                          negative_slope, ops)
+    else:  # nothing to differentiate (inference, no_grad): no autograd node to build
+        out, _, mean, var, _ = ops.forward(input, running_mean, running_var, weight, bias,
+                                           residual, training, eps, activation,
+                                           negative_slope)
+        result = (out, mean, var) if training else out
     if not training:
         return result
     out, mean, var = result

@@ -137,7 +137,10 @@ def bench_case(shape, dtype, fmt, epilogue, device, rounds, min_run_time, peak_g
                            f"{dtype} {fmt} epilogue={epilogue}")
 
     rows = []
-    backend = resolve_backend("auto", x).__name__.rsplit(".", 1)[-1]
+    ops = resolve_backend("auto", x)
+    backend = ops.__name__.rsplit(".", 1)[-1]
+    if hasattr(ops, "runs_on") and not ops.runs_on(x):
+        backend += " (portable path for this dtype/layout)"
     fmt_name = next(k for k, v in FORMATS.items() if v == fmt)
     dtype_name = str(dtype).removeprefix("torch.")
     passes = (("forward", lambda: {"torch": torch_fwd, "ours": ours_fwd}),

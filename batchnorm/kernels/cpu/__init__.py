@@ -154,6 +154,11 @@ def _view(x: torch.Tensor) -> _View | None:
     return None
 
 
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether these kernels run on ``x`` (else its calls take the portable path)."""
+    return _view(x) is not None
+
+
 def _empty_like(x, dtype=None):
     return torch.empty_like(x, dtype=dtype)
 
