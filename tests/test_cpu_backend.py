@@ -99,8 +99,12 @@ def test_kernels_see_contiguous_and_channels_last_inputs_without_a_copy(shape, f
 def test_other_layouts_and_dtypes_run_on_the_portable_path_with_the_same_results(make):
     x = make()
     assert cpu._view(x) is None
-    for got, want in zip(_run(x), _run(x, backend="torch"), strict=True):
-        assert torch.equal(got, want)
+    got, want = _run(x), _run(x, backend="torch")
+    for a, b in zip(got[:-2], want[:-2], strict=True):  # output and gradients
+        assert torch.equal(a, b)
+    # The running statistics go through this backend's own (fused) update.
+    for a, b in zip(got[-2:], want[-2:], strict=True):
+        assert_close(a, b, 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

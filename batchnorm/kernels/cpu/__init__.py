@@ -22,6 +22,7 @@ calling thread alone: waking a thread costs more than it saves there.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +33,18 @@ import torch
 from .. import torch_ops
 from . import _kernels as K
 
-# Portable-path functions with nothing CPU-specific.
-update_running_stats = torch_ops.update_running_stats
 compute_dtype = torch_ops.compute_dtype
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update, in place, as one fused call on both buffers:
+    ``running += momentum * (batch - running)`` (``running_var`` takes the
+    unbiased variance ``var * count / (count - 1)``)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(
+            (running_mean, running_var),
+            (mean.to(running_mean.dtype), var.to(running_var.dtype) * (count / (count - 1))),
+            momentum)
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -122,7 +132,7 @@ class _View:
 
     def __init__(self, kind, shape, perm):
         self.kind, self.shape, self.perm = kind, shape, perm
-        self.numel = int(np.prod(shape))
+        self.numel = math.prod(shape)
 
     def of(self, t: torch.Tensor) -> np.ndarray:
         """The same view of ``t`` (which has ``x``'s shape and strides)."""
