@@ -237,3 +237,18 @@ def test_cache_blocked_path_matches_reference(monkeypatch, channels_last, dtype,
     want_rm, _, _ = reference.update_running_stats(np.zeros(5), np.ones(5), cache["mean"],
                                                    cache["var"], cache["m"], 0.1)
     assert_close(rm, want_rm, 1e-6, 1e-6, name="running_mean")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_without_gradients_no_autograd_node_and_the_same_results(backend, training):
+    x = make_input((6, 4, 3, 3), seed=11, offset=1.0, requires_grad=True)
+    w, b = _params(4, torch.float32)
+    stats = [(torch.zeros(4), torch.full((4,), 2.0)) for _ in range(2)]
+    y = batch_norm(x, *stats[0], w, b, training, activation="silu", backend=backend)
+    with torch.no_grad():
+        y_nograd = batch_norm(x, *stats[1], w, b, training, activation="silu", backend=backend)
+    assert y.grad_fn is not None and y_nograd.grad_fn is None
+    assert torch.equal(y.detach(), y_nograd)
+    for a, c in zip(stats[0], stats[1], strict=True):
+        assert torch.equal(a, c)
