@@ -1,17 +1,25 @@
 """Benchmark: CPU inference with BN folded into the convolutions, against BN left in.
 
-Two networks in eval mode, float32, NCHW, under ``torch.inference_mode()``:
+Three networks in eval mode, float32, NCHW, under ``torch.inference_mode()``:
 
 * ``conv-bn-relu``: six 3x3 conv -> BatchNorm2d -> ReLU layers of 64 channels
   at 56x56 (ResNet-50's first stage size), batch 8;
 * ``resnet18``: ResNet-18 (He et al. 2016; torchvision's layout, built here
   from ``torch.nn`` modules because torchvision does not import beside the
-  project's torch wheel), 224x224 images, batch 1 and 8.
+  project's torch wheel), 224x224 images, batch 1 and 8;
+* ``mobilenetv2-s1-3``: the stem and first three stages of MobileNetV2
+  (Sandler et al. 2018; torchvision's layout, 32 -> 16 -> 24 -> 32 channels,
+  inverted residual blocks: 1x1 expand conv -> BN -> ReLU6, 3x3 depthwise conv
+  -> BN -> ReLU6, 1x1 project conv -> BN, residual add where the shapes match),
+  224x224 images, so the blocks run at 112x112, 56x56 and 28x28, batch 1 and 8.
+  Its 1x1 and depthwise convolutions are cheap next to a 3x3 dense one, so BN
+  is a much larger share of the time than in the other two networks.
 
 For each: the network with PyTorch's ``BatchNorm2d`` (**unfolded**), the same
 network after :func:`batchnorm.tools.fold_batchnorm` (**folded**), and the
 network with our BN (``convert_batchnorm(..., fuse_activation="fx")``: our
-layers, the ReLU after a BN fused into it; **ours unfolded**). Timed with
+layers, the ReLU after a BN fused into it, a ReLU6 left as its own module
+because our ``activation=`` has no ReLU6; **ours unfolded**). Timed with
 ``benchmarks/_harness.py``: interleaved rounds of
 ``torch.utils.benchmark.Timer.blocked_autorange``, each round started when other
 processes leave the CPUs quiet; the median over rounds is kept. Before timing,
@@ -91,6 +99,40 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand (1x1), depthwise (3x3), project (1x1, linear)."""
+
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                       nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                   nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def mobilenetv2_stages(stages=3):
+    """MobileNetV2's stem and first ``stages`` stages, no classifier (``stages=3``:
+    the layers of torchvision's ``mobilenet_v2().features[:7]``)."""
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]  # t, c, n, s
+    layers, cin = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32),
+                   nn.ReLU6(inplace=True)], 32
+    for t, c, n, s in settings[:stages]:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            cin = c
+    return nn.Sequential(*layers)
+
+
 def conv_bn_relu(depth=6, width=64):
     layers = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     for _ in range(depth - 1):
@@ -113,11 +155,13 @@ def trained_statistics(model, seed=0):
     return model.eval()
 
 
-CASES = {  # name: (builder, input shapes)
-    "conv-bn-relu": (conv_bn_relu, [(8, 3, 56, 56)]),
-    "resnet18": (ResNet18, [(1, 3, 224, 224), (8, 3, 224, 224)]),
+CASES = {  # name: (builder, input shapes, activation after the BN layers)
+    "conv-bn-relu": (conv_bn_relu, [(8, 3, 56, 56)], "relu"),
+    "resnet18": (ResNet18, [(1, 3, 224, 224), (8, 3, 224, 224)], "relu"),
+    "mobilenetv2-s1-3": (mobilenetv2_stages, [(1, 3, 224, 224), (8, 3, 224, 224)], "relu6"),
 }
-QUICK = {"conv-bn-relu": [(2, 3, 28, 28)], "resnet18": [(1, 3, 64, 64)]}
+QUICK = {"conv-bn-relu": [(2, 3, 28, 28)], "resnet18": [(1, 3, 64, 64)],
+         "mobilenetv2-s1-3": [(1, 3, 64, 64)]}
 
 
 def inference(model, x):
@@ -151,7 +195,7 @@ def bench_case(name, shape, rounds, min_run_time, quiet):
         rows.append({
             "op": "fold", "case": f"{name} {H.shape_str(shape)}", "pass": pass_,
             "shape": H.shape_str(shape), "dtype": "float32", "memory_format": "nchw",
-            "activation": "relu", "backend": "auto",
+            "activation": CASES[name][2], "backend": "auto",
             "torch_ms": t["unfolded"].median * 1e3, "ours_ms": t[key].median * 1e3,
             "ratio": t["unfolded"].median / t[key].median,
             "torch_q20_ms": t["unfolded"].q20 * 1e3, "torch_q80_ms": t["unfolded"].q80 * 1e3,
@@ -220,7 +264,7 @@ def main(argv=None) -> int:
     env = H.environment("cpu")
     print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}", flush=True)
     rows, start = [], time.perf_counter()
-    for name, (_, shapes) in CASES.items():
+    for name, (_, shapes, _) in CASES.items():
         for shape in (QUICK[name] if args.quick else shapes):
             for r in bench_case(name, shape, rounds, min_run_time, quiet):
                 r.update(env)
