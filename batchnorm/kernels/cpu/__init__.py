@@ -5,8 +5,8 @@ the contract), plus the fused :func:`forward` that the autograd function uses:
 one parallel pass for the statistics and one for the output, with the
 residual and the activation fused into it; a backward of one reduction pass
 and one elementwise pass. Inputs of another layout (an arbitrary permutation)
-or dtype (float16, bfloat16: Numba has no such types) run on the portable
-path, per call, with the same results contract.
+or dtype (float16: Numba has no such type; bfloat16 is handled as its bits)
+run on the portable path, per call, with the same results contract.
 
 Threads: the kernels are serial and release the GIL; a pass over a large
 tensor is cut into chunks that the calling thread and a pool of
@@ -46,7 +46,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
             (mean.to(running_mean.dtype), var.to(running_var.dtype) * (count / (count - 1))),
             momentum)
 
-DTYPES = (torch.float32, torch.float64)
+# bfloat16 reaches the kernels as its uint16 bits (see _kernels.ld / st).
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 # Re-centre the shifted sums when the shift was this many standard deviations
 # (squared) from the mean: below it float64 loses < 1e-10 relative.
@@ -135,17 +136,21 @@ class _View:
         self.numel = math.prod(shape)
 
     def of(self, t: torch.Tensor) -> np.ndarray:
-        """The same view of ``t`` (which has ``x``'s shape and strides)."""
+        """The same view of ``t`` (which has ``x``'s shape and strides); a
+        bfloat16 tensor as its uint16 bits."""
         t = t.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
         if self.perm is not None:
             t = t.permute(self.perm)
-        return t.numpy().reshape(self.shape)
+        a = t.numpy().reshape(self.shape)
+        return a.view(np.uint16) if a.dtype == np.int16 else a
 
     def like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``t`` with ``x``'s layout (a copy only when it differs)."""
-        if t.stride() == x.stride() and t.dtype == x.dtype:
+        """``t`` (its dtype kept) with ``x``'s layout; a copy only when it differs."""
+        if t.stride() == x.stride():
             return t
-        return torch.empty_like(x).copy_(t)
+        return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
 def _view(x: torch.Tensor) -> _View | None:
@@ -178,7 +183,15 @@ def _dummy(v: _View, dtype) -> np.ndarray:
 
 
 def _np_dtype(dtype: torch.dtype):
+    """The compute dtype: float64 for float64, float32 otherwise."""
     return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    """Stored values (bfloat16 as uint16 bits included) as float64."""
+    if a.dtype == np.uint16:
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float64)
 
 
 def _ranges(v: _View) -> int:
@@ -209,7 +222,7 @@ def _stats(v: _View, xv: np.ndarray):
     """Float64 ``(mean, var)`` per channel: shifted sums around one value of the
     channel, again around the mean found if that value was an outlier."""
     kernel = K.shifted_sums_planar if v.kind == "planar" else K.shifted_sums_rows
-    shift = (xv[0, :, 0] if v.kind == "planar" else xv[0]).astype(np.float64)
+    shift = _widen(xv[0, :, 0] if v.kind == "planar" else xv[0])
     C = v.shape[1]
     mean, var = np.empty(C), np.empty(C)
     m = v.numel // C
@@ -225,7 +238,7 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if v is None:
         return torch_ops.batch_stats(x)
     mean, var = _stats(v, v.of(x))
-    return torch.from_numpy(mean), torch.from_numpy(var).to(x.dtype)
+    return torch.from_numpy(mean), torch.from_numpy(var).to(compute_dtype(x.dtype))
 
 
 def _param(t, ndt) -> np.ndarray:
@@ -246,10 +259,11 @@ def _affine(mean, var, eps, weight, bias, ndt):
 
 
 def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope):
-    ndt = xv.dtype
+    ndt = _np_dtype(x.dtype)
     out = _empty_like(x)
     save_pre = not K.saves_output(activation, negative_slope)
-    pre = _empty_like(x) if save_pre else None
+    # The pre-activation is kept in the compute dtype (as the portable path does).
+    pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
     has_res = residual is not None
     kernel = K.specialised("normalize", v.kind == "planar", K.ACT[activation], has_res,
                            save_pre)
@@ -315,7 +329,8 @@ class _Grad:
         self.dy = v.of(v.like(grad_out, x))
         self.xv = v.of(x)
         self.code = K.ACT[activation]
-        self.a = v.of(v.like(act_saved, x)) if activation is not None else _dummy(v, self.ndt)
+        # Without an activation the kernels never read ``a``; dy stands in.
+        self.a = v.of(v.like(act_saved, x)) if activation is not None else self.dy
         self.k = K.constants(self.ndt, negative_slope)
         m = mean.detach().double().numpy()
         self.hi = m.astype(self.ndt)
@@ -363,7 +378,9 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
     part, g = grad.sums(keep_g=need_r)
     sum_g, sum_gxc, kx, c0, scale = grad.coefficients(part, invstd, weight, _count(x),
                                                       training)
-    grad_input = grad.grad_input(kx, c0, scale, training, g) if need_x else None
+    # A bfloat16 g is rounded: dx is computed from dy instead, in float32.
+    g_in = g if x.dtype == compute_dtype(x.dtype) else None
+    grad_input = grad.grad_input(kx, c0, scale, training, g_in) if need_x else None
     cdtype = invstd.dtype
     grad_weight = (torch.from_numpy(sum_gxc * invstd.detach().double().numpy()).to(cdtype)
                    if need_w else None)
@@ -404,6 +421,8 @@ def backward_elementwise(grad_out, x, mean, invstd, weight, sum_g, sum_gxc, coun
                   sum_gxc.detach().double().numpy() if training else empty, grad.lo,
                   invstd.detach().numpy(), _param(weight, grad.ndt), count, training, kx, c0,
                   scale)
+    if g is not None and x.dtype != compute_dtype(x.dtype):
+        g = None  # rounded to bfloat16: recomputed from dy in float32 instead
     return grad.grad_input(kx, c0, scale, training, None if g is None else v.like(g, x))
 
 

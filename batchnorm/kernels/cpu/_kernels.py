@@ -37,12 +37,17 @@ Activation codes (``ACT``) select the epilogue; the branch on the code is
 loop-invariant, so LLVM unswitches it out of the inner loop.
 """
 
+# Numba's @intrinsic and @overload fix the argument lists of the bfloat16 helpers.
+# ruff: noqa: ARG001, ARG005
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir as llvm_ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 ACT = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "sigmoid": 5, "tanh": 6}
 
@@ -103,6 +108,59 @@ def _act_grad(dy, a, code, kk):
     return dy * (kk[ONE] - a * a)
 
 
+# ---------------------------------------------------------------- bfloat16
+#
+# Numba has no bfloat16: a bfloat16 tensor reaches the kernels as its uint16
+# bits. ``ld`` widens a stored value to the compute type (bfloat16 -> float32
+# is the bits shifted into the top half of a float32), ``st`` narrows a
+# computed value to an array's element type (float32 -> bfloat16 rounds to
+# nearest even, as PyTorch's conversion; NaN stays a quiet NaN). Both are
+# plain casts for float32/float64 arrays; in bfloat16 they are integer ops
+# that vectorize.
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_as_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+def ld(value):
+    """A stored element as the compute type (see the section comment)."""
+
+
+def st(value, array):
+    """``value`` as ``array``'s element type (see the section comment)."""
+
+
+@overload(ld, inline="always")
+def _ld(value):
+    if value == types.uint16:
+        return lambda value: _bits_as_f32(np.uint32(value) << np.uint32(16))
+    return lambda value: value
+
+
+@overload(st, inline="always")
+def _st(value, array):
+    if array.dtype == types.uint16:
+        def to_bf16(value, array):
+            v = np.float32(value)
+            if v != v:
+                return np.uint16(0x7FC0)
+            bits = _f32_as_bits(v)
+            bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return np.uint16(bits >> np.uint32(16))
+        return to_bf16
+    return lambda value, array: value
+
+
 @njit(inline="always")
 def _unpack(k):
     return k[0], k[1], k[2], k[3], k[4], k[5]
@@ -130,7 +188,7 @@ def shifted_sums_planar(x, shift, out, start, stop):
         s1 = 0.0
         s2 = 0.0
         for i in range(L):
-            d = np.float64(xr[i]) - k
+            d = np.float64(ld(xr[i])) - k
             s1 += d
             s2 += d * d
         out[n, 0, c] = s1
@@ -149,7 +207,7 @@ def shifted_sums_rows(x, shift, out, start, stop):
     for r in range(start, stop):
         xr = x[r]
         for c in range(C):
-            d = np.float64(xr[c]) - shift[c]
+            d = np.float64(ld(xr[c])) - shift[c]
             s1[c] += d
             s2[c] += d * d
 
@@ -271,14 +329,13 @@ def _make_normalize(planar, code, has_res, save_pre):
                 h, s, t = hi[c], scale[c], shift[c]
                 xr, orow = x[n, c], out[n, c]
                 rr = res[n, c] if has_res else xr
-                pr = pre[n, c] if save_pre else orow
                 for i in range(L):
-                    z = (xr[i] - h) * s + t
+                    z = (ld(xr[i]) - h) * s + t
                     if has_res:
-                        z += rr[i]
+                        z += ld(rr[i])
                     if save_pre:
-                        pr[i] = z
-                    orow[i] = _act(z, code, kk)
+                        pre[n, c, i] = z
+                    orow[i] = st(_act(z, code, kk), orow)
         return normalize_planar
 
     @njit(**_ELEMENTWISE)
@@ -288,14 +345,13 @@ def _make_normalize(planar, code, has_res, save_pre):
         for r in range(start, stop):
             xr, orow = x[r], out[r]
             rr = res[r] if has_res else xr
-            pr = pre[r] if save_pre else orow
             for c in range(C):
-                z = (xr[c] - hi[c]) * scale[c] + shift[c]
+                z = (ld(xr[c]) - hi[c]) * scale[c] + shift[c]
                 if has_res:
-                    z += rr[c]
+                    z += ld(rr[c])
                 if save_pre:
-                    pr[c] = z
-                orow[c] = _act(z, code, kk)
+                    pre[r, c] = z
+                orow[c] = st(_act(z, code, kk), orow)
     return normalize_rows
 
 
@@ -312,16 +368,16 @@ def _make_grad_sums(planar, code, keep_g):
                 c = r - n * C
                 h = hi[c]
                 dr, xr = dy[n, c], x[n, c]
-                ar = a[n, c] if code else dr
+                ar = a[n, c]
                 gr = g[n, c] if keep_g else dr
                 s1 = 0.0
                 s2 = 0.0
                 for i in range(L):
-                    gv = _act_grad(dr[i], ar[i], code, kk)
+                    gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
                     if keep_g:
-                        gr[i] = gv
+                        gr[i] = st(gv, gr)
                     s1 += np.float64(gv)
-                    s2 += np.float64(gv) * np.float64(xr[i] - h)
+                    s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
                 out[n, 0, c] = s1
                 out[n, 1, c] = s2
         return grad_sums_planar
@@ -336,14 +392,14 @@ def _make_grad_sums(planar, code, keep_g):
         s2[:] = 0.0
         for r in range(start, stop):
             dr, xr = dy[r], x[r]
-            ar = a[r] if code else dr
+            ar = a[r]
             gr = g[r] if keep_g else dr
             for c in range(C):
-                gv = _act_grad(dr[c], ar[c], code, kk)
+                gv = _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
                 if keep_g:
-                    gr[c] = gv
+                    gr[c] = st(gv, gr)
                 s1[c] += np.float64(gv)
-                s2[c] += np.float64(gv) * np.float64(xr[c] - hi[c])
+                s2[c] += np.float64(gv) * np.float64(ld(xr[c]) - hi[c])
     return grad_sums_rows
 
 
@@ -360,14 +416,14 @@ def _make_grad_input(planar, code, use_g, training):
                 c = r - n * C
                 h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
                 dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
-                ar = a[n, c] if code and not use_g else dr
+                ar = a[n, c]
                 gr = g[n, c] if use_g else dr
                 for i in range(L):
-                    gv = gr[i] if use_g else _act_grad(dr[i], ar[i], code, kk)
+                    gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
                     if training:
-                        dxr[i] = kc * (xr[i] - h) + cc + s * gv
+                        dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
                     else:
-                        dxr[i] = s * gv
+                        dxr[i] = st(s * gv, dxr)
         return grad_input_planar
 
     @njit(**_ELEMENTWISE)
@@ -376,14 +432,14 @@ def _make_grad_input(planar, code, use_g, training):
         C = x.shape[1]
         for r in range(start, stop):
             dr, xr, dxr = dy[r], x[r], dx[r]
-            ar = a[r] if code and not use_g else dr
+            ar = a[r]
             gr = g[r] if use_g else dr
             for c in range(C):
-                gv = gr[c] if use_g else _act_grad(dr[c], ar[c], code, kk)
+                gv = ld(gr[c]) if use_g else _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
                 if training:
-                    dxr[c] = kx[c] * (xr[c] - hi[c]) + c0[c] + scale[c] * gv
+                    dxr[c] = st(kx[c] * (ld(xr[c]) - hi[c]) + c0[c] + scale[c] * gv, dxr)
                 else:
-                    dxr[c] = scale[c] * gv
+                    dxr[c] = st(scale[c] * gv, dxr)
     return grad_input_rows
 
 
