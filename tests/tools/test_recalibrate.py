@@ -2,15 +2,10 @@
 what is restored, loader layouts, bad input, and two gloo ranks that agree."""
 
 import copy
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import run_world
 from helpers import assert_close
 from tool_models import bn_state, make, randomize
 from torch import nn
@@ -228,40 +223,6 @@ def test_bad_input_changes_nothing():
 
 
 # ---------------------------------------------------------------- two gloo ranks
-# The process harness of tests/nn/test_sync.py, cut down to what this test needs.
-
-def _entry(rank, world, store, out_dir, target):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=30))
-    try:
-        result = target(rank, world)
-    except BaseException:  # the test reads it
-        result = {"raised": traceback.format_exc()}
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-
-
-def run_world(world, target, tmp):
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch"])
-    procs = [ctx.Process(target=_entry, args=(r, world, str(tmp / "store"), str(tmp), target),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 90
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    assert not hung, f"ranks {hung} still running after 90 s (killed)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
-
 
 RANK_DATA = {0: ([5, 3], 10), 1: ([4], 20)}  # batch sizes and seed per rank
 
@@ -299,8 +260,9 @@ def _world_worker(rank, world):
 
 
 def test_two_gloo_ranks_agree_on_the_statistics_of_all_their_data(tmp_path):
-    r0, r1 = run_world(2, _world_worker, tmp_path)
-    assert "raised" not in r0 and "raised" not in r1, (r0.get("raised"), r1.get("raised"))
+    r0, r1 = run_world(2, _world_worker, tmp=tmp_path)
+    assert "raised" not in r0 and "raised" not in r1, (r0.get("traceback"),
+                                                          r1.get("traceback"))
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k  # bit-identical on both ranks
     model = make("resnet").double()
