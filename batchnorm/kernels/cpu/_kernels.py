@@ -222,19 +222,25 @@ def shifted_sums_rows(x, shift, out, start, stop):
 # dominates a small batch). ``part`` is the ``(P, 2, C)`` float64 partial
 # sums of a reduction; ``w``/``b`` empty arrays stand for no weight/bias.
 
+@njit(inline="always")
+def _channel_sums(part, c):
+    """Channel ``c``'s two sums over the partials, in a fixed order."""
+    s1 = 0.0
+    s2 = 0.0
+    for p in range(part.shape[0]):
+        s1 += part[p, 0, c]
+        s2 += part[p, 1, c]
+    return s1, s2
+
+
 @njit(cache=True, nogil=True)
 def finalize_stats(part, shift, m, recentre, mean, var):
     """``mean``, ``var`` (float64) from shifted partial sums over ``m`` values per
     channel; True when some shift was more than ``sqrt(recentre)`` standard
     deviations from the mean (the caller sums again around ``mean``)."""
-    P, _, C = part.shape
     again = False
-    for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for p in range(P):
-            s1 += part[p, 0, c]
-            s2 += part[p, 1, c]
+    for c in range(part.shape[2]):
+        s1, s2 = _channel_sums(part, c)
         lo = s1 / m
         v = s2 / m - lo * lo
         if lo * lo > recentre * v:
@@ -261,14 +267,9 @@ def prepare_affine(mean, var, eps, w, b, invstd, hi, scale, shift):
 def finalize_grad(part, lo, invstd, w, count, training, sum_g, sum_gxc, kx, c0, scale):
     """``sum_g``, ``sum_gxc`` (float64, centred on the exact mean ``hi + lo``) and
     the coefficients of ``dx = kx * (x - hi) + c0 + scale * g``."""
-    P, _, C = part.shape
     m = max(count, 1)
-    for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for p in range(P):
-            s1 += part[p, 0, c]
-            s2 += part[p, 1, c]
+    for c in range(part.shape[2]):
+        s1, s2 = _channel_sums(part, c)
         sum_g[c] = s1
         sum_gxc[c] = s2 - lo[c] * s1
         coeffs(sum_g[c], sum_gxc[c], lo[c], invstd[c], w[c] if w.size else 1.0, m, training,
