@@ -27,9 +27,8 @@ from .kernels import torch_ops
 BACKENDS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "BATCHNORM_BACKEND"
 
-# name -> (loader, reason it cannot run or None); loaders import lazily so a
-# missing optional engine never breaks ``import batchnorm``.
-_NOT_BUILT = "is not part of this version of batchnorm yet"
+# The fused backends are imported on first use, so a missing optional engine
+# never breaks ``import batchnorm``.
 
 
 def _check_name(name: str) -> None:
@@ -50,9 +49,19 @@ def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
                     "(pip install 'batchnorm[cpu]')")
         return None
     if name == "triton":
-        if x.device.type != "cuda":
+        if x.device.type == "cpu" and not _interpreter_requested():
+            return ("the Triton backend runs on CUDA tensors, got a CPU tensor (CPU tensors "
+                    "only in Triton's interpreter, TRITON_INTERPRET=1, for testing)")
+        if x.device.type not in ("cuda", "cpu"):
             return f"the Triton backend runs on CUDA tensors, got a tensor on {x.device}"
-        return f"the Triton backend {_NOT_BUILT}"
+        if importlib.util.find_spec("triton") is None:
+            return ("the Triton backend needs Triton, which is not installed "
+                    "(pip install 'batchnorm[triton]')")
+        try:
+            kernels = _load("triton")
+        except Exception as e:  # an installed but broken Triton
+            return f"the Triton backend failed to import Triton: {type(e).__name__}: {e}"
+        return kernels.reason_unavailable(x)
     return None
 
 
@@ -68,14 +77,20 @@ def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
         forced = os.environ.get(ENV_VAR, "").strip()
         if forced and forced != "auto":
             return resolve_backend(forced, x)
-        for candidate in ("triton", "cpu"):
-            if unavailable_reason(candidate, x) is None:
-                return _load(candidate)
+        # Triton for CUDA tensors, the CPU kernels for CPU tensors: never
+        # Triton's interpreter, which is for tests only.
+        candidate = {"cuda": "triton", "cpu": "cpu"}.get(x.device.type)
+        if candidate is not None and unavailable_reason(candidate, x) is None:
+            return _load(candidate)
         return torch_ops
     reason = unavailable_reason(name, x)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run: {reason}")
     return _load(name)
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _numba_importable() -> bool:
@@ -95,4 +110,6 @@ def _load(name: str) -> ModuleType:
         from .kernels import cpu
 
         return cpu
-    raise RuntimeError(f"backend={name!r} cannot run: it {_NOT_BUILT}")
+    from .kernels import triton
+
+    return triton
