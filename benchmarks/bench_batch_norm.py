@@ -19,7 +19,8 @@ that CSV (``benchmarks/plot.py``).
 Examples:
     .venv/bin/python benchmarks/bench_batch_norm.py            # full run, ~4 min on 2 cores
     .venv/bin/python benchmarks/bench_batch_norm.py --quick    # a subset, ~1 min
-    .venv/bin/python benchmarks/bench_batch_norm.py --device cuda  # -> docs/benchmarks/cuda_*
+    python benchmarks/bench_batch_norm.py --device cuda  # benchmarks/bench_gpu.py: Triton vs
+                                                         # torch eager and torch.compile
 """
 
 from __future__ import annotations
@@ -241,9 +242,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda asked for but CUDA is not available", file=sys.stderr)
-        return 2
+    if device.startswith("cuda"):
+        # The GPU benchmark has its own baselines (torch eager and torch.compile),
+        # passes and shapes: benchmarks/bench_gpu.py.
+        import bench_gpu
+
+        return bench_gpu.main(["--device", device, *(["--out", str(args.out)] if args.out
+                                                     else [])])
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rounds = args.rounds or (2 if args.quick else 5)
     min_run_time = args.min_run_time or (0.1 if args.quick else 0.2)
