@@ -30,6 +30,7 @@ dispatcher.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -41,7 +42,9 @@ compute_dtype = torch_ops.compute_dtype
 
 # Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at
 # import): then they run on CPU tensors, else on CUDA tensors.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+_knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable
+INTERPRETED = (bool(_knobs.runtime.interpret) if _knobs is not None else
+               os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 DEVICE_TYPE = "cpu" if INTERPRETED else "cuda"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
