@@ -358,6 +358,23 @@ def test_compiled_function_matches_eager():
         assert_close(a, b, 1e-6, 1e-6)
 
 
+
+def test_compiled_module_matches_eager_over_training_steps():
+    import copy
+
+    import batchnorm
+
+    eager = batchnorm.BatchNorm2d(4, activation="relu", backend="triton").to(DEVICE)
+    compiled_src = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_src, backend="aot_eager")
+    for step in range(2):
+        x = _input((3, 4, 5, 5), torch.float32, "nhwc", seed=20 + step)
+        y_e, y_c = eager(x), compiled(x)
+        assert_close(y_c, y_e, 1e-6, 1e-6, name=f"step {step} output")
+    for name, b_e in eager.named_buffers():
+        assert_close(dict(compiled_src.named_buffers())[name], b_e, 1e-6, 1e-6, name=name)
+    assert compiled_src.num_batches_tracked.item() == 2
+
 # ---------------------------------------------------------------- the GPU benchmark
 
 def test_the_gpu_benchmark_script_runs_end_to_end(tmp_path, capsys):

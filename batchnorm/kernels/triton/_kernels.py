@@ -169,7 +169,7 @@ def stats_rows(x_ptr, hi_ptr, part_ptr, M, C, rows_per_prog,
     hi = tl.sum(x0, 0) / tl.minimum(M, BLOCK_M).to(tl.float32)
     s1 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     s2 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    start = s * rows_per_prog
+    start = _wide(s, BIG) * rows_per_prog
     stop = tl.minimum(start + rows_per_prog, M)
     for r0 in range(start, stop, BLOCK_M):
         r = r0 + rm
@@ -265,10 +265,10 @@ def prepare_affine(mean_ptr, var_ptr, w_ptr, b_ptr, C, eps, hi_ptr, invstd_ptr, 
 def _tile(pid_r, pid_k, R, K, C, CH_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
           BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """Offsets, mask and channel index of one ``BLOCK_R x BLOCK_K`` tile of ``(R, K)``."""
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = _wide(pid_r, BIG) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (r[:, None] < R) & (k[None, :] < K)
-    offs = _wide(r, BIG)[:, None] * K + k[None, :]
+    offs = r[:, None] * K + k[None, :]
     if CH_ON_ROWS:
         ch = (r % C)[:, None]
     else:
@@ -360,7 +360,7 @@ def grad_sums_rows(dy_ptr, x_ptr, a_ptr, g_ptr, mean_ptr, part_ptr, M, C, rows_p
     rm = tl.arange(0, BLOCK_M)
     sg = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     sgx = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    start = s * rows_per_prog
+    start = _wide(s, BIG) * rows_per_prog
     stop = tl.minimum(start + rows_per_prog, M)
     for r0 in range(start, stop, BLOCK_M):
         r = r0 + rm
