@@ -45,8 +45,12 @@ if not CUDA:
 
 
 @pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """Without a GPU, ``backend="triton"`` accepts CPU tensors only under the interpreter."""
+def _small_tiles_and_interpreter(monkeypatch):
+    """Small tiles (the interpreter's), so these small shapes take the multi-tile,
+    multi-slice paths on a GPU too; without a GPU, ``backend="triton"`` accepts
+    CPU tensors only under the interpreter."""
+    monkeypatch.setattr(tk, "TILE_BYTES", 256)
+    monkeypatch.setattr(tk, "_sms", lambda _device: 2)  # the interpreter's slicing, on GPUs too
     if not CUDA:
         if not tk.INTERPRETED:
             pytest.skip("Triton was imported before this module could ask for its "
@@ -200,10 +204,21 @@ def test_a_residual_in_another_layout_is_read_correctly():
 
 def test_the_test_shapes_take_the_multi_tile_multi_slice_paths():
     for planar, (N, C, L) in ((True, (16, 3, 64)), (False, (16, 3, 64))):
-        _, S, per, _ = tk._reduce_config(planar, N, C, L, 4, tk._sms(torch.device(DEVICE)))
+        _, S, per, _ = tk._reduce_config(planar, N, C, L, 4, tk._sms(torch.device(DEVICE)),
+                                         tk.TILE_BYTES)
         assert S > 1
         assert per > 1
 
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["planar", "nhwc"])
+def test_real_launch_configurations_on_a_resnet_shape(layout, dtype, monkeypatch):
+    """The GPU's own tile sizes and slice counts (the other tests shrink them)."""
+    monkeypatch.undo()
+    x = _input((32, 64, 28, 28), dtype, layout, seed=21)
+    _check_against_reference(x, _run(x, "relu"), "relu")
 
 # ---------------------------------------------------------------- accuracy, determinism
 

@@ -140,7 +140,8 @@ def _warps(tile: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _reduce_config(planar: bool, N: int, C: int, L: int, esize: int, sms: int):
+def _reduce_config(planar: bool, N: int, C: int, L: int, esize: int, sms: int,
+                   tile_bytes: int):
     """Tiling of a split reduction: ``(blocks, S, per_prog, extra)``.
 
     Planar: one channel per program row, its ``(N, L)`` plane cut into
@@ -148,7 +149,7 @@ def _reduce_config(planar: bool, N: int, C: int, L: int, esize: int, sms: int):
     ``BLOCK_C`` channels per program, ``per_prog`` rows per program. ``S``
     slices per channel, enough programs for ``WAVES`` waves of the GPU.
     """
-    tile = max(16, TILE_BYTES // esize)
+    tile = max(16, tile_bytes // esize)
     target = WAVES * sms
     if planar:
         BL = min(_pow2(L), tile)
@@ -168,10 +169,10 @@ def _reduce_config(planar: bool, N: int, C: int, L: int, esize: int, sms: int):
 
 
 @functools.lru_cache(maxsize=4096)
-def _elementwise_config(R: int, Kd: int, esize: int):
+def _elementwise_config(R: int, Kd: int, esize: int, tile_bytes: int):
     """``BLOCK_R x BLOCK_K`` tiles of an ``(R, K)`` matrix, ``BLOCK_K`` along the
     contiguous axis."""
-    tile = max(16, TILE_BYTES // esize)
+    tile = max(16, tile_bytes // esize)
     BK = min(_pow2(Kd), tile)
     BR = max(1, min(_pow2(R), tile // BK))
     return BR, BK
@@ -184,7 +185,7 @@ def _channel_block(C: int) -> int:
 def _matrix_launch(kernel, v: _View, x: torch.Tensor, *args, **meta):
     """Launch an elementwise kernel over ``v``'s ``(R, K)`` matrix."""
     R, Kd, on_rows = v.matrix
-    BR, BK = _elementwise_config(R, Kd, x.element_size())
+    BR, BK = _elementwise_config(R, Kd, x.element_size(), TILE_BYTES)
     grid = (triton.cdiv(R, BR), triton.cdiv(Kd, BK))
     kernel[grid](*args[:-1], R, Kd, v.C, args[-1], CH_ON_ROWS=on_rows, BLOCK_R=BR,
                  BLOCK_K=BK, BIG=v.big, num_warps=_warps(BR * BK), **meta)
@@ -200,7 +201,7 @@ def _stats(v: _View, x: torch.Tensor):
     """``(part, S, hi)``: the ``(3, S, C)`` partials and the per-channel shift."""
     C = v.C
     blocks, S, per, extra = _reduce_config(v.planar, v.N, C, v.L, x.element_size(),
-                                           _sms(x.device))
+                                           _sms(x.device), TILE_BYTES)
     part = torch.empty(3, S, C, dtype=torch.float32, device=x.device)
     hi = torch.empty(C, dtype=torch.float32, device=x.device)
     if v.planar:
@@ -340,7 +341,7 @@ class _Grad:
         v, x = self.v, self.x
         C = v.C
         blocks, S, per, extra = _reduce_config(v.planar, v.N, C, v.L, x.element_size(),
-                                               _sms(x.device))
+                                               _sms(x.device), TILE_BYTES)
         part = torch.empty(2, S, C, dtype=torch.float32, device=x.device)
         g = torch.empty_like(x) if keep_g else self.dy
         meta = dict(ACT=self.act, KEEP_G=keep_g, BIG=v.big, **blocks)
