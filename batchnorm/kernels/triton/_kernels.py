@@ -44,15 +44,16 @@ import triton.language as tl
 
 ACT = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "sigmoid": 5, "tanh": 6}
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals a kernel reads must be constexpr (the interpreter does not check).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
 def _wide(i, BIG: tl.constexpr):
     """Indices as int64 when the tensor has 2**31 elements or more."""
-    if BIG:
-        return i.to(tl.int64)
+    if BIG:  # one return: branches returning different types do not compile
+        i = i.to(tl.int64)
     return i
 
 
@@ -84,7 +85,9 @@ def _activation_grad(dy, a, ACT: tl.constexpr, slope):
     if ACT == 1:
         return tl.where(a <= 0, 0.0, dy)  # PyTorch's threshold_backward
     elif ACT == 2:
-        return tl.where(a > 0, dy, dy * slope)
+        # (``tl.where(a > 0, dy, dy * slope)`` crashes Triton 3.9's compiler for
+        # float32 when the result only feeds reductions.)
+        return dy * tl.where(a > 0, 1.0, slope)
     elif ACT == 3:
         s = tl.sigmoid(a)
         return dy * s * (1.0 + a * (1.0 - s))
