@@ -336,6 +336,44 @@ def test_auto_picks_triton_for_cuda_tensors():
     assert _backend.resolve_backend("auto", torch.empty(2, 3, device="cuda")) is tk
 
 
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_training_step_replays_in_a_cuda_graph():
+    """No host synchronisation anywhere: the whole step (statistics, apply,
+    backward, running-statistics update) is captured once and replayed."""
+    import batchnorm
+
+    bn = batchnorm.BatchNorm2d(8, activation="relu", backend="triton").cuda()
+    eager = batchnorm.BatchNorm2d(8, activation="relu", backend="triton").cuda()
+    eager.load_state_dict(bn.state_dict())
+    static_x = torch.randn(4, 8, 6, 6, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (compiles the kernels)
+        for _ in range(2):
+            bn.weight.grad = None
+            bn(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.load_state_dict(bn.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    bn.weight.grad = None
+    with torch.cuda.graph(graph):
+        static_y = bn(static_x)
+        static_y.sum().backward()
+    for step in range(3):
+        x = torch.randn(4, 8, 6, 6, device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(step))
+        static_x.copy_(x)
+        graph.replay()
+        eager.weight.grad = None
+        y = eager(x)
+        y.sum().backward()
+        assert_close(static_y, y, 1e-6, 1e-6, name=f"replay {step} output")
+        assert_close(bn.weight.grad, eager.weight.grad, 1e-5, 1e-5, name="grad_weight")
+    # num_batches_tracked is a Python-side increment, not part of the graph.
+    assert_close(bn.running_mean, eager.running_mean, 1e-6, 1e-6, name="running_mean")
+    assert_close(bn.running_var, eager.running_var, 1e-6, 1e-6, name="running_var")
+
 # ---------------------------------------------------------------- torch.compile
 
 def test_custom_ops_pass_torch_library_checks():
