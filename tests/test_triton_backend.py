@@ -202,6 +202,14 @@ def test_a_residual_in_another_layout_is_read_correctly():
     assert got["out"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (3, 5, 3, 7)], ids=str)
+def test_planar_flat_and_row_indexing_agree_with_the_reference(shape, mode, monkeypatch):
+    monkeypatch.setattr(tk, "PLANAR_FLAT", mode)
+    x = _input(shape, torch.float32, "planar", seed=22)
+    res = _input(shape, torch.float32, "planar", seed=23)
+    _check_against_reference(x, _run(x, "silu", res), "silu", res)
+
 def test_the_test_shapes_take_the_multi_tile_multi_slice_paths():
     for planar, (N, C, L) in ((True, (16, 3, 64)), (False, (16, 3, 64))):
         _, S, per, _ = tk._reduce_config(planar, N, C, L, 4, tk._sms(torch.device(DEVICE)),

@@ -56,6 +56,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE_BYTES = 256 if INTERPRETED else 8192
 # Elements from which offsets are computed in int64 (below, int32 is exact).
 INT64_FROM = 2**31
+# How the elementwise kernels address a planar (NCHW) tensor: "unaligned" walks
+# it flat, the channel computed per element, when its rows of H*W elements do
+# not start on 16-byte boundaries (14x14, 7x7: else one element per load
+# instruction), and in (n, c) row tiles otherwise; "always" / "never" force
+# one way (for measuring which is faster on a GPU).
+PLANAR_FLAT = "unaligned"
 # Programs a reduction aims for: a few waves of the GPU's multiprocessors.
 WAVES = 4
 _INTERPRETER_SMS = 2
@@ -182,12 +188,26 @@ def _channel_block(C: int) -> int:
     return min(_pow2(C), 1024)
 
 
+def _flat(v: _View, esize: int) -> bool:
+    """Whether the elementwise kernels index a planar tensor flat (see
+    :data:`PLANAR_FLAT`)."""
+    if not v.planar or PLANAR_FLAT == "never":
+        return False
+    return PLANAR_FLAT == "always" or (v.L * esize) % 16 != 0
+
+
 def _matrix_launch(kernel, v: _View, x: torch.Tensor, *args, **meta):
     """Launch an elementwise kernel over ``v``'s ``(R, K)`` matrix."""
     R, Kd, on_rows = v.matrix
-    BR, BK = _elementwise_config(R, Kd, x.element_size(), TILE_BYTES)
-    grid = (triton.cdiv(R, BR), triton.cdiv(Kd, BK))
-    kernel[grid](*args[:-1], R, Kd, v.C, args[-1], CH_ON_ROWS=on_rows, BLOCK_R=BR,
+    esize = x.element_size()
+    flat = _flat(v, esize)
+    if flat:
+        BR, BK = 1, max(16, TILE_BYTES // esize)
+        grid = (triton.cdiv(R * Kd, BK), 1)
+    else:
+        BR, BK = _elementwise_config(R, Kd, esize, TILE_BYTES)
+        grid = (triton.cdiv(R, BR), triton.cdiv(Kd, BK))
+    kernel[grid](*args[:-1], R, Kd, v.C, args[-1], CH_ON_ROWS=on_rows, FLAT=flat, BLOCK_R=BR,
                  BLOCK_K=BK, BIG=v.big, num_warps=_warps(BR * BK), **meta)
 
 

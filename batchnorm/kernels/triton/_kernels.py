@@ -265,29 +265,43 @@ def prepare_affine(mean_ptr, var_ptr, w_ptr, b_ptr, C, eps, hi_ptr, invstd_ptr, 
 
 
 @triton.jit
-def _tile(pid_r, pid_k, R, K, C, CH_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-          BLOCK_K: tl.constexpr, BIG: tl.constexpr):
-    """Offsets, mask and channel index of one ``BLOCK_R x BLOCK_K`` tile of ``(R, K)``."""
-    r = _wide(pid_r, BIG) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (r[:, None] < R) & (k[None, :] < K)
-    offs = r[:, None] * K + k[None, :]
-    if CH_ON_ROWS:
-        ch = (r % C)[:, None]
+def _tile(pid_r, pid_k, R, K, C, CH_ON_ROWS: tl.constexpr, FLAT: tl.constexpr,
+          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
+    """Offsets, mask and channel index of one ``BLOCK_R x BLOCK_K`` tile of ``(R, K)``.
+
+    ``FLAT`` (planar only): the tile is ``BLOCK_R * BLOCK_K`` consecutive
+    elements of the whole tensor and the channel is computed per element,
+    ``(offset // K) % C``: for ``K`` (= ``H*W``) not a multiple of 16, rows
+    start unaligned and a row tile would load one element per instruction.
+    """
+    if FLAT:
+        start = _wide(pid_r, BIG) * (BLOCK_R * BLOCK_K)
+        offs = start + (tl.arange(0, BLOCK_R)[:, None] * BLOCK_K
+                        + tl.arange(0, BLOCK_K)[None, :])
+        mask = offs < _wide(R, BIG) * K
+        ch = (offs // K) % C
     else:
-        ch = k[None, :]
+        r = _wide(pid_r, BIG) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (r[:, None] < R) & (k[None, :] < K)
+        offs = r[:, None] * K + k[None, :]
+        if CH_ON_ROWS:
+            ch = (r % C)[:, None]
+        else:
+            ch = k[None, :]
     return offs, mask, ch
 
 
 @triton.jit
 def apply(x_ptr, res_ptr, out_ptr, pre_ptr, hi_ptr, scale_ptr, shift_ptr, R, K, C, slope,
-          CH_ON_ROWS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+          CH_ON_ROWS: tl.constexpr, FLAT: tl.constexpr, ACT: tl.constexpr,
+          HAS_RES: tl.constexpr,
           SAVE_PRE: tl.constexpr, BLOCK_R: tl.constexpr,
           BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """``out = act((x - hi) * scale + shift + residual)``; ``pre`` (the
     pre-activation, compute dtype) when ``SAVE_PRE``."""
-    offs, mask, ch = _tile(tl.program_id(0), tl.program_id(1), R, K, C, CH_ON_ROWS, BLOCK_R,
-                           BLOCK_K, BIG)
+    offs, mask, ch = _tile(tl.program_id(0), tl.program_id(1), R, K, C, CH_ON_ROWS, FLAT,
+                           BLOCK_R, BLOCK_K, BIG)
     cmask = ch < C
     hi = tl.load(hi_ptr + ch, mask=cmask, other=0.0)
     scale = tl.load(scale_ptr + ch, mask=cmask, other=0.0)
@@ -429,13 +443,14 @@ def finalize_grad(part_ptr, S, sums_ptr, mean_ptr, invstd_ptr, w_ptr, coef_ptr, 
 
 @triton.jit
 def grad_input(dy_ptr, x_ptr, a_ptr, g_ptr, mean_ptr, coef_ptr, dx_ptr, R, K, C, slope,
-               CH_ON_ROWS: tl.constexpr, ACT: tl.constexpr, USE_G: tl.constexpr,
+               CH_ON_ROWS: tl.constexpr, FLAT: tl.constexpr, ACT: tl.constexpr,
+               USE_G: tl.constexpr,
                TRAINING: tl.constexpr, BLOCK_R: tl.constexpr,
                BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """``dx = scale * g + kx * (x - hi) + c0`` (eval: ``scale * g``), ``g`` read
     (``USE_G``) or recomputed from ``dy`` and the saved activation."""
-    offs, mask, ch = _tile(tl.program_id(0), tl.program_id(1), R, K, C, CH_ON_ROWS, BLOCK_R,
-                           BLOCK_K, BIG)
+    offs, mask, ch = _tile(tl.program_id(0), tl.program_id(1), R, K, C, CH_ON_ROWS, FLAT,
+                           BLOCK_R, BLOCK_K, BIG)
     cmask = ch < C
     if USE_G:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
