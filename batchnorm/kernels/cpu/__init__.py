@@ -10,8 +10,10 @@ run on the portable path, per call, with the same results contract.
 
 Threads: the kernels are serial and release the GIL; a pass over a large
 tensor is cut into chunks that the calling thread and a pool of
-``torch.get_num_threads() - 1`` threads of ours take on demand; the pool's
-threads sleep (no spinning) between calls. A program that
+``torch.get_num_threads() - 1`` threads of ours take on demand, inside the
+kernel call (an atomic counter, see ``_kernels``); the pool's threads sleep
+(no spinning) between calls, and the caller spins only for the last chunks
+of its own call. A program that
 limits PyTorch (``torch.set_num_threads(1)``) limits these kernels too, the
 two never run at the same time, and there is no second OpenMP runtime in the
 process (Numba's ``parallel=True`` would bring one, spinning beside
@@ -29,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import torch_ops
 from . import _kernels as K
@@ -36,10 +39,24 @@ from . import _kernels as K
 compute_dtype = torch_ops.compute_dtype
 
 
+_FLOATS = (torch.float32, torch.float64)
+
+
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """PyTorch's update, in place, as one fused call on both buffers:
     ``running += momentum * (batch - running)`` (``running_var`` takes the
-    unbiased variance ``var * count / (count - 1)``)."""
+    unbiased variance ``var * count / (count - 1)``); one kernel call for
+    float32/float64 CPU buffers."""
+    if (running_mean.dtype in _FLOATS and running_var.dtype in _FLOATS
+            and mean.dtype in _FLOATS and var.dtype in _FLOATS
+            and all(t.device.type == "cpu" for t in (running_mean, running_var, mean, var))):
+        K.update_running(running_mean.detach().numpy(), running_var.detach().numpy(),
+                         mean.detach().numpy(), var.detach().numpy(), count / (count - 1),
+                         float(momentum))
+        # Written through NumPy: tell autograd the buffers changed, as an
+        # in-place torch op would (a graph that saved them then refuses to run).
+        increment_version((running_mean, running_var))
+        return
     with torch.no_grad():
         torch._foreach_lerp_(
             (running_mean, running_var),
@@ -52,6 +69,10 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # Re-centre the shifted sums when the shift was this many standard deviations
 # (squared) from the mean: below it float64 loses < 1e-10 relative.
 _RECENTRE = 1e6
+# The same for sums in float32 lanes (rows kernels): their error grows with
+# (1 + shift^2 / var) * 2^-24 * K.ROWS_BLOCK, so the shift must be within a
+# standard deviation of the mean.
+_RECENTRE_F32 = 1.0
 
 
 # Elements below which a pass runs on the calling thread only.
@@ -87,6 +108,9 @@ _POOL = _Pool()
 # range per thread and handed out on demand; nobody waits for a late thread.
 _CHUNKS_PER_THREAD = 8
 _CHUNK_MIN = 1 << 15  # elements
+# How long the caller spins for the pool's last chunks before it blocks
+# (atomic reads, ~0.1-0.3 ms).
+_SPINS = 1 << 14
 
 
 def _chunks(numel: int, ranges: int) -> int:
@@ -99,29 +123,22 @@ def _chunks(numel: int, ranges: int) -> int:
     return max(1, min(ranges, threads * _CHUNKS_PER_THREAD, numel // _CHUNK_MIN))
 
 
-def _run(fn, total: int, chunks: int) -> None:
-    """``fn(j, start, stop)`` for ``chunks`` even chunks ``j`` of ``range(total)``,
-    taken on demand by this thread and up to ``torch.get_num_threads() - 1`` pool
-    threads; all finished on return."""
+def _run(kernel, args, total: int, chunks: int) -> None:
+    """``kernel(*args, sched)`` over ``range(total)`` cut into ``chunks`` chunks,
+    which this thread and up to ``torch.get_num_threads() - 1`` pool threads
+    take on demand inside the kernel (see K.schedule); all done on return."""
+    sched = K.schedule(total, chunks)
     if chunks <= 1:
-        fn(0, 0, total)
+        kernel(*args, sched)
         return
-    bounds = [total * j // chunks for j in range(chunks + 1)]
-    # next() on an itertools.count is atomic under the GIL: each chunk is taken once.
-    counter = itertools.count()
-
-    def work():
-        for j in iter(counter.__next__, None):
-            if j >= chunks:
-                return
-            fn(j, bounds[j], bounds[j + 1])
-
     helpers = min(torch.get_num_threads(), chunks) - 1
     pool = _POOL.executor(helpers)
-    futures = [pool.submit(work) for _ in range(helpers)]
-    try:
-        work()
-    finally:
+    futures = [pool.submit(kernel, *args, sched) for _ in range(helpers)]
+    kernel(*args, sched)
+    # The chunks the pool took end within one chunk's time (a pool thread that
+    # wakes later finds none left and returns without touching the arrays);
+    # if one does not, its thread was descheduled: block on it instead.
+    if not K.wait(sched, _SPINS):
         for f in futures:
             f.result()
 
@@ -200,35 +217,39 @@ def _ranges(v: _View) -> int:
 
 
 def _reduce(v: _View, kernel, args) -> np.ndarray:
-    """The ``(P, 2, C)`` float64 partial sums of a reduction kernel over ``v``."""
-    C = v.shape[1]
+    """The ``(P, 2, C)`` float64 partial sums of a reduction kernel over ``v``:
+    one per sample (planar) or per chunk (rows)."""
     total = _ranges(v)
     chunks = _chunks(v.numel, total)
-    if v.kind == "planar":
-        part = np.empty((v.shape[0], 2, C))
-        _run(lambda _j, a, b: kernel(*args, part, a, b), total, chunks)
-    else:
-        part = np.empty((chunks, 2, C))
-        _run(lambda j, a, b: kernel(*args, part[j], a, b), total, chunks)
+    part = np.empty((v.shape[0] if v.kind == "planar" else chunks, 2, v.shape[1]))
+    _run(kernel, (*args, part), total, chunks)
     return part
 
 
 def _elementwise(v: _View, kernel, args) -> None:
     total = _ranges(v)
-    _run(lambda _j, a, b: kernel(*args, a, b), total, _chunks(v.numel, total))
+    _run(kernel, args, total, _chunks(v.numel, total))
 
 
 def _stats(v: _View, xv: np.ndarray):
     """Float64 ``(mean, var)`` per channel: shifted sums around one value of the
-    channel, again around the mean found if that value was an outlier."""
-    kernel = K.shifted_sums_planar if v.kind == "planar" else K.shifted_sums_rows
-    shift = _widen(xv[0, :, 0] if v.kind == "planar" else xv[0])
+    channel (planar, float64 sums) or a sample mean (rows, sums in the compute
+    dtype, see K.ROWS_BLOCK), again around the mean found if that shift was
+    too far off."""
     C = v.shape[1]
-    mean, var = np.empty(C), np.empty(C)
     m = v.numel // C
-    if K.finalize_stats(_reduce(v, kernel, (xv, shift)), shift, m, _RECENTRE, mean, var):
-        K.finalize_stats(_reduce(v, kernel, (xv, mean.copy())), mean.copy(), m, np.inf,
-                         mean, var)
+    if v.kind == "planar":
+        kernel, recentre = K.shifted_sums_planar, _RECENTRE
+        shift = _widen(xv[0, :, 0])
+    else:
+        ndt = np.float64 if xv.dtype == np.float64 else np.float32
+        kernel, recentre = K.shifted_sums_rows, _RECENTRE if ndt is np.float64 else _RECENTRE_F32
+        shift = np.empty(C, ndt)
+        K.rows_shift(xv, shift)
+    mean, var = np.empty(C), np.empty(C)
+    if K.finalize_stats(_reduce(v, kernel, (xv, shift)), shift, m, recentre, mean, var):
+        shift = mean.astype(shift.dtype)
+        K.finalize_stats(_reduce(v, kernel, (xv, shift)), shift, m, np.inf, mean, var)
     return mean, var
 
 
@@ -269,7 +290,7 @@ def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope)
                            save_pre)
     args = (xv, hi, scale, shift, v.of(v.like(residual, x)) if has_res else _dummy(v, ndt),
             v.of(out), v.of(pre) if save_pre else _dummy(v, ndt),
-            K.constants(ndt, negative_slope))
+            _constants(ndt, negative_slope))
     _elementwise(v, kernel, args)
     act_saved = None if activation is None else (pre if save_pre else out)
     return out, act_saved
@@ -303,11 +324,13 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
                                  training, eps, activation, negative_slope)
     ndt = _np_dtype(x.dtype)
     xv = v.of(x)
+    if _chunks(v.numel, _ranges(v)) == 1:
+        return _forward_one_call(v, x, xv, ndt, running_mean, running_var, weight, bias,
+                                 residual, training, eps, activation, negative_slope)
     if training:
         mean, var = _stats(v, xv)
     else:
-        mean = running_mean.detach().numpy()
-        var = running_var.detach().numpy()
+        mean, var = _stat_array(running_mean), _stat_array(running_var)
     invstd, hi, scale, shift = _affine(mean, var, eps, weight, bias, ndt)
     out, act_saved = _normalize(v, x, xv, hi, scale, shift, residual, activation,
                                 negative_slope)
@@ -315,6 +338,58 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
     var_t = torch.from_numpy(var.astype(ndt)) if training else running_var.to(
         compute_dtype(x.dtype))
     return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
+
+
+def _forward_one_call(v, x, xv, ndt, running_mean, running_var, weight, bias, residual,
+                      training, eps, activation, negative_slope):
+    """:func:`forward` of an input that runs on one thread, as one kernel call
+    (statistics, affine coefficients and output: see K._make_forward), so the
+    per-call glue of a small input is a handful of allocations."""
+    C = v.shape[1]
+    out = _empty_like(x)
+    save_pre = not K.saves_output(activation, negative_slope)
+    pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
+    has_res = residual is not None
+    kernel = K.specialised("forward", v.kind == "planar", K.ACT[activation], has_res, save_pre,
+                           bool(training))
+    if training:
+        mean, var = np.empty(C), np.empty(C)
+    else:
+        mean, var = _stat_array(running_mean), _stat_array(running_var)
+    invstd, hi, scale, shift = (np.empty(C, ndt) for _ in range(4))
+    recentre = _RECENTRE_F32 if v.kind == "rows" and ndt is np.float32 else _RECENTRE
+    dummy = _dummy(v, ndt)
+    kernel(xv, eps, _param(weight, ndt), _param(bias, ndt),
+           v.of(v.like(residual, x)) if has_res else dummy, v.of(out),
+           v.of(pre) if save_pre else dummy, _constants(ndt, negative_slope), recentre, hi,
+           mean, var, invstd, hi, scale, shift)
+    act_saved = None if activation is None else (pre if save_pre else out)
+    if training:
+        mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var.astype(ndt))
+    else:
+        cdtype = compute_dtype(x.dtype)
+        mean_t, var_t = running_mean.to(cdtype), running_var.to(cdtype)
+    return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
+
+
+def _stat_array(t: torch.Tensor) -> np.ndarray:
+    """A running statistic as NumPy (float32 for a bfloat16 or float16 buffer)."""
+    t = t.detach()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+
+
+_CONSTANTS: dict = {}
+
+
+def _constants(ndt, negative_slope) -> np.ndarray:
+    """K.constants, one array per dtype and slope, made once."""
+    key = (ndt, negative_slope)
+    k = _CONSTANTS.get(key)
+    if k is None:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        k = _CONSTANTS[key] = K.constants(ndt, negative_slope)  # the kernels only read it
+    return k
 
 
 # ---------------------------------------------------------------- backward
@@ -331,7 +406,7 @@ class _Grad:
         self.code = K.ACT[activation]
         # Without an activation the kernels never read ``a``; dy stands in.
         self.a = v.of(v.like(act_saved, x)) if activation is not None else self.dy
-        self.k = K.constants(self.ndt, negative_slope)
+        self.k = _constants(self.ndt, negative_slope)
         m = mean.detach().double().numpy()
         self.hi = m.astype(self.ndt)
         self.lo = m - self.hi  # float64

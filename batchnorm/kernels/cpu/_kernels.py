@@ -3,20 +3,18 @@
 Two memory layouts cover every dense batch-norm input:
 
 * **planar** ``(N, C, L)``, C-contiguous (NCHW, NCL, NCDHW with ``L > 1``):
-  each ``(n, c)`` pair owns a contiguous run of ``L`` values; a kernel call
-  takes the runs ``start:stop`` of the ``N * C`` (``r = n * C + c``), the
-  inner loop over ``L`` vectorises, and reductions write one partial sum per
-  run.
+  each ``(n, c)`` pair owns a contiguous run of ``L`` values; a pass is cut
+  into chunks of the ``N * C`` runs (``r = n * C + c``), the inner loop over
+  ``L`` vectorises, and reductions write one partial sum per run.
 * **rows** ``(M, C)``, C-contiguous (channels_last / NHWC, channels_last_3d,
-  and ``(N, C)`` inputs): each row holds one value of every channel; a
-  kernel call takes the rows ``start:stop``, the inner loop over the
-  channels vectorises, and reductions accumulate per-channel partial sums
-  into the slot they are given.
+  and ``(N, C)`` inputs): each row holds one value of every channel; a pass
+  is cut into chunks of rows, the inner loop over the channels vectorises,
+  and reductions write one per-channel partial sum per chunk.
 
-Every kernel is serial and releases the GIL (``nogil``): the caller splits
-the work into ranges and runs them on its own threads (see
-:mod:`batchnorm.kernels.cpu`), so there is no second OpenMP runtime in the
-process spinning beside PyTorch's.
+Every kernel is serial and releases the GIL (``nogil``): the caller runs the
+same call on its own threads, which share out the chunks (see
+"scheduling" below and :mod:`batchnorm.kernels.cpu`), so there is no second
+OpenMP runtime in the process spinning beside PyTorch's.
 
 Statistics are *shifted sums* in float64: ``S1 = sum(x - K)`` and
 ``S2 = sum((x - K)^2)`` around ``K``, one value of the channel, so one read
@@ -166,6 +164,69 @@ def _unpack(k):
     return k[0], k[1], k[2], k[3], k[4], k[5]
 
 
+# ---------------------------------------------------------------- scheduling
+#
+# A pass is cut into chunks; every thread that runs it (the caller, and pool
+# threads once they wake) calls the same kernel with the same ``sched`` array
+# ``[next, done, chunks, total]`` and takes chunks with an atomic counter
+# until none is left, all without returning to Python (a chunk handed out in
+# Python costs a dispatch and a GIL handover, ~2-5 us each). Chunk ``j``
+# covers ``total * j // chunks`` to ``total * (j + 1) // chunks``; which thread
+# takes it does not change the result (a reduction writes chunk ``j``'s
+# partial to slot ``j``). The caller then spins (:func:`wait`) until the
+# chunks other threads took are done; a thread that wakes after the last
+# chunk was taken finds none and returns.
+
+@intrinsic
+def _fetch_add(typingctx, sched, index, value):
+    """``sched[index] += value`` atomically (sequentially consistent); the old value."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(array.data, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+    return types.int64(sched, types.intp, types.int64), codegen
+
+
+@njit(inline="always")
+def _claim(sched):
+    """``(j, start, stop)``: the next chunk of the pass, or ``j = -1``."""
+    j = _fetch_add(sched, 0, 1)
+    chunks, total = sched[2], sched[3]
+    if j >= chunks:
+        return -1, 0, 0
+    return j, total * j // chunks, total * (j + 1) // chunks
+
+
+@njit(inline="always")
+def _done(sched):
+    _fetch_add(sched, 1, 1)
+
+
+@njit(cache=True, nogil=True)
+def wait(sched, spins):
+    """Whether every chunk of the pass is done, spinning at most ``spins``
+    times (the chunks other threads took end within one chunk's time, unless
+    such a thread was descheduled: then the caller blocks instead)."""
+    for _ in range(spins):
+        if _fetch_add(sched, 1, 0) >= sched[2]:
+            return True
+    return False
+
+
+def schedule(total: int, chunks: int) -> np.ndarray:
+    """The ``sched`` array of a pass over ``range(total)`` in ``chunks`` chunks."""
+    return np.array([0, 0, chunks, total], dtype=np.int64)
+
+
+@njit(inline="always")
+def schedule_one(total):
+    """:func:`schedule` of one chunk, in compiled code."""
+    sched = np.zeros(4, np.int64)
+    sched[2] = 1
+    sched[3] = total
+    return sched
+
+
 def saves_output(activation, negative_slope) -> bool:
     """Whether the activation's derivative is read off the output (else the
     pre-activation is kept)."""
@@ -176,43 +237,107 @@ def saves_output(activation, negative_slope) -> bool:
 # ---------------------------------------------------------------- statistics
 
 @njit(**_REDUCE)
-def shifted_sums_planar(x, shift, out, start, stop):
+def shifted_sums_planar(x, shift, out, sched):
     """``out[n, :, c] = (sum(x[n, c] - shift[c]), sum((x[n, c] - shift[c])^2))``
-    in float64 for the runs ``r = n * C + c`` in ``start:stop``."""
+    in float64 for the runs ``r = n * C + c`` of the chunks taken."""
     N, C, L = x.shape
-    for r in range(start, stop):
-        n = r // C
-        c = r - n * C
-        k = shift[c]
-        xr = x[n, c]
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(L):
-            d = np.float64(ld(xr[i])) - k
-            s1 += d
-            s2 += d * d
-        out[n, 0, c] = s1
-        out[n, 1, c] = s2
+    j, start, stop = _claim(sched)
+    while j >= 0:
+        for r in range(start, stop):
+            n = r // C
+            c = r - n * C
+            k = shift[c]
+            xr = x[n, c]
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(L):
+                d = np.float64(ld(xr[i])) - k
+                s1 += d
+                s2 += d * d
+            out[n, 0, c] = s1
+            out[n, 1, c] = s2
+        _done(sched)
+        j, start, stop = _claim(sched)
+
+
+# Rows reductions sum a block of at most ROWS_BLOCK rows in the compute dtype
+# (float32 lanes for float32 and bfloat16 input, float64 for float64), four
+# rows per step (one load and store of the block's sums per four rows), and
+# add each block into float64 partials. A float32 block sum is off by at most
+# ~ROWS_BLOCK * 2^-24 of its terms' magnitude; the statistics keep that small
+# by shifting around a sample mean (:func:`rows_shift`) and re-centring when
+# the shift is more than a standard deviation off (see
+# ``batchnorm.kernels.cpu._stats``).
+ROWS_BLOCK = 16
+
+
+@njit(cache=True, nogil=True)
+def rows_shift(x, shift):
+    """``shift[c]``: the mean of up to 16 rows spread evenly over ``x``, in
+    ``shift``'s dtype."""
+    M, C = x.shape
+    S = min(M, 16)
+    acc = np.zeros(C)
+    for j in range(S):
+        xr = x[j * M // S]
+        for c in range(C):
+            acc[c] += np.float64(ld(xr[c]))
+    for c in range(C):
+        shift[c] = acc[c] / S
+
+
+@njit(inline="always")
+def _flush(a1, a2, s1, s2):
+    """Add a block's sums (compute dtype) into the float64 sums; zero them."""
+    for c in range(a1.size):
+        s1[c] += np.float64(a1[c])
+        s2[c] += np.float64(a2[c])
+        a1[c] = 0
+        a2[c] = 0
 
 
 @njit(**_REDUCE)
-def shifted_sums_rows(x, shift, out, start, stop):
-    """``out = (sum(x - shift), sum((x - shift)^2))`` per channel over the rows
-    ``start:stop``; ``out`` is this range's ``(2, C)`` slot."""
+def shifted_sums_rows(x, shift, out, sched):
+    """``out[j] = (sum(x - shift), sum((x - shift)^2))`` per channel over the
+    rows of each chunk ``j`` taken, summed in ``shift``'s dtype by blocks of
+    rows (see ROWS_BLOCK); ``out`` is the float64 ``(chunks, 2, C)`` partials."""
     C = x.shape[1]
-    # Partials and shift in arrays of this call's own (LLVM then knows they
-    # alias nothing the loop reads): 10-25 % faster than accumulating in ``out``.
-    s1 = np.zeros(C)
-    s2 = np.zeros(C)
+    # Sums and shift in arrays of this call's own (LLVM then knows they alias
+    # nothing the loop reads).
+    s1 = np.empty(C)
+    s2 = np.empty(C)
     k = shift.copy()
-    for r in range(start, stop):
-        xr = x[r]
-        for c in range(C):
-            d = np.float64(ld(xr[c])) - k[c]
-            s1[c] += d
-            s2[c] += d * d
-    out[0, :] = s1
-    out[1, :] = s2
+    a1 = np.zeros_like(k)
+    a2 = np.zeros_like(k)
+    j, r, stop = _claim(sched)
+    while j >= 0:
+        s1[:] = 0.0
+        s2[:] = 0.0
+        while r < stop:
+            r1 = min(r + ROWS_BLOCK, stop)
+            while r + 4 <= r1:
+                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                for c in range(C):
+                    kc = k[c]
+                    d0 = ld(x0[c]) - kc
+                    d1 = ld(x1[c]) - kc
+                    d2 = ld(x2[c]) - kc
+                    d3 = ld(x3[c]) - kc
+                    a1[c] += (d0 + d1) + (d2 + d3)
+                    a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+                r += 4
+            while r < r1:
+                xr = x[r]
+                for c in range(C):
+                    d = ld(xr[c]) - k[c]
+                    a1[c] += d
+                    a2[c] += d * d
+                r += 1
+            _flush(a1, a2, s1, s2)
+        out[j, 0, :] = s1
+        out[j, 1, :] = s2
+        _done(sched)
+        j, r, stop = _claim(sched)
 
 
 # ---------------------------------------------------------------- per-channel steps
@@ -248,6 +373,24 @@ def finalize_stats(part, shift, m, recentre, mean, var):
         mean[c] = shift[c] + lo
         var[c] = 0.0 if v < 0.0 else v  # NaN stays NaN
     return again
+
+
+@njit(inline="always")
+def _lerp(start, end, weight):
+    """``start + weight * (end - start)``, exact at both ends (as torch.lerp)."""
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1.0 - weight)
+
+
+@njit(cache=True, nogil=True)
+def update_running(running_mean, running_var, mean, var, unbias, momentum):
+    """PyTorch's running-statistics update in place, in float64, rounded once:
+    ``running += momentum * (batch - running)`` (``var * unbias`` for the variance)."""
+    for c in range(running_mean.size):
+        running_mean[c] = _lerp(np.float64(running_mean[c]), np.float64(mean[c]), momentum)
+        running_var[c] = _lerp(np.float64(running_var[c]), np.float64(var[c]) * unbias,
+                               momentum)
 
 
 @njit(cache=True, nogil=True)
@@ -320,33 +463,34 @@ def specialised(kind: str, *flags):
     return fn
 
 
-def _make_normalize(planar, code, has_res, save_pre):
-    """``out = act(z)``, ``z = (x - hi) * scale + shift (+ res)``; ``pre = z`` if ``save_pre``."""
-    if planar:
-        @njit(**_ELEMENTWISE)
-        def normalize_planar(x, hi, scale, shift, res, out, pre, k, start, stop):
-            kk = _unpack(k)
-            N, C, L = x.shape
-            for r in range(start, stop):
-                n = r // C
-                c = r - n * C
-                h, s, t = hi[c], scale[c], shift[c]
-                xr, orow = x[n, c], out[n, c]
-                rr = res[n, c] if has_res else xr
-                for i in range(L):
-                    z = (ld(xr[i]) - h) * s + t
-                    if has_res:
-                        z += ld(rr[i])
-                    if save_pre:
-                        pre[n, c, i] = z
-                    orow[i] = st(_act(z, code, kk), orow)
-        return normalize_planar
+@njit(inline="always")
+def _normalize_planar(x, hi, scale, shift, res, out, pre, kk, code, has_res, save_pre, sched):
+    N, C, L = x.shape
+    j, start, stop = _claim(sched)
+    while j >= 0:
+        for r in range(start, stop):
+            n = r // C
+            c = r - n * C
+            h, s, t = hi[c], scale[c], shift[c]
+            xr, orow = x[n, c], out[n, c]
+            rr = res[n, c] if has_res else xr
+            for i in range(L):
+                z = (ld(xr[i]) - h) * s + t
+                if has_res:
+                    z += ld(rr[i])
+                if save_pre:
+                    pre[n, c, i] = z
+                orow[i] = st(_act(z, code, kk), orow)
+        _done(sched)
+        j, start, stop = _claim(sched)
 
-    @njit(**_ELEMENTWISE)
-    def normalize_rows(x, hi, scale, shift, res, out, pre, k, start, stop):
-        kk = _unpack(k)
-        C = x.shape[1]
-        h, s, t = hi.copy(), scale.copy(), shift.copy()  # alias nothing
+
+@njit(inline="always")
+def _normalize_rows(x, hi, scale, shift, res, out, pre, kk, code, has_res, save_pre, sched):
+    C = x.shape[1]
+    h, s, t = hi.copy(), scale.copy(), shift.copy()  # alias nothing
+    j, start, stop = _claim(sched)
+    while j >= 0:
         for r in range(start, stop):
             xr, orow = x[r], out[r]
             rr = res[r] if has_res else xr
@@ -357,55 +501,152 @@ def _make_normalize(planar, code, has_res, save_pre):
                 if save_pre:
                     pre[r, c] = z
                 orow[c] = st(_act(z, code, kk), orow)
+        _done(sched)
+        j, start, stop = _claim(sched)
+
+
+def _make_normalize(planar, code, has_res, save_pre):
+    """``out = act(z)``, ``z = (x - hi) * scale + shift (+ res)``; ``pre = z`` if ``save_pre``."""
+    if planar:
+        @njit(**_ELEMENTWISE)
+        def normalize_planar(x, hi, scale, shift, res, out, pre, k, sched):
+            _normalize_planar(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
+                              save_pre, sched)
+        return normalize_planar
+
+    @njit(**_ELEMENTWISE)
+    def normalize_rows(x, hi, scale, shift, res, out, pre, k, sched):
+        _normalize_rows(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
+                        save_pre, sched)
     return normalize_rows
+
+
+def _make_forward(planar, code, has_res, save_pre, training):
+    """The whole forward of a small input in one call, on the calling thread:
+    the statistics (training; else ``mean``, ``var`` are given), the affine
+    coefficients, and the normalize pass (see :func:`_make_normalize`).
+    ``stats_shift`` is the shift's dtype (see ``batchnorm.kernels.cpu._stats``)."""
+    @njit(**_ELEMENTWISE)
+    def forward_small(x, eps, w, b, res, out, pre, k, recentre, stats_shift, mean, var, invstd,
+                      hi, scale, shift):
+        C = x.shape[1]
+        total = x.shape[0] * C if planar else x.shape[0]
+        if training:
+            m = x.size // C
+            if planar:
+                sh = np.empty(C)
+                for c in range(C):
+                    sh[c] = ld(x[0, c, 0])
+                part = np.empty((x.shape[0], 2, C))
+                shifted_sums_planar(x, sh, part, schedule_one(total))
+            else:
+                sh = np.empty_like(stats_shift)
+                rows_shift(x, sh)
+                part = np.empty((1, 2, C))
+                shifted_sums_rows(x, sh, part, schedule_one(total))
+            if finalize_stats(part, sh, m, recentre, mean, var):
+                for c in range(C):
+                    sh[c] = mean[c]
+                if planar:
+                    shifted_sums_planar(x, sh, part, schedule_one(total))
+                else:
+                    shifted_sums_rows(x, sh, part, schedule_one(total))
+                finalize_stats(part, sh, m, np.inf, mean, var)
+        prepare_affine(mean, var, eps, w, b, invstd, hi, scale, shift)
+        if planar:
+            _normalize_planar(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
+                              save_pre, schedule_one(total))
+        else:
+            _normalize_rows(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
+                            save_pre, schedule_one(total))
+    return forward_small
+
+
+@njit(inline="always")
+def _gx(dr, ar, gr, xr, c, hc, code, keep_g, kk):
+    """``(g, g * (x - hi))`` of one element, ``g = dy * act'(.)``; ``g`` stored
+    when ``keep_g``."""
+    gv = _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
+    if keep_g:
+        gr[c] = st(gv, gr)
+    return gv, gv * (ld(xr[c]) - hc)
 
 
 def _make_grad_sums(planar, code, keep_g):
     """Float64 ``(sum(g), sum(g * (x - hi)))`` with ``g = dy * act'(.)``; ``g``
-    written out when ``keep_g``. Planar: one partial per run; rows: into the slot given."""
+    written out when ``keep_g``. Planar: one float64 partial per run; rows: one
+    per chunk, summed in the compute dtype by blocks of ROWS_BLOCK rows."""
     if planar:
         @njit(**_REDUCE)
-        def grad_sums_planar(dy, x, a, hi, k, g, out, start, stop):
+        def grad_sums_planar(dy, x, a, hi, k, g, out, sched):
             kk = _unpack(k)
             N, C, L = x.shape
-            for r in range(start, stop):
-                n = r // C
-                c = r - n * C
-                h = hi[c]
-                dr, xr = dy[n, c], x[n, c]
-                ar = a[n, c]
-                gr = g[n, c] if keep_g else dr
-                s1 = 0.0
-                s2 = 0.0
-                for i in range(L):
-                    gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
-                    if keep_g:
-                        gr[i] = st(gv, gr)
-                    s1 += np.float64(gv)
-                    s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
-                out[n, 0, c] = s1
-                out[n, 1, c] = s2
+            j, start, stop = _claim(sched)
+            while j >= 0:
+                for r in range(start, stop):
+                    n = r // C
+                    c = r - n * C
+                    h = hi[c]
+                    dr, xr = dy[n, c], x[n, c]
+                    ar = a[n, c]
+                    gr = g[n, c] if keep_g else dr
+                    s1 = 0.0
+                    s2 = 0.0
+                    for i in range(L):
+                        gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
+                        if keep_g:
+                            gr[i] = st(gv, gr)
+                        s1 += np.float64(gv)
+                        s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
+                    out[n, 0, c] = s1
+                    out[n, 1, c] = s2
+                _done(sched)
+                j, start, stop = _claim(sched)
         return grad_sums_planar
 
     @njit(**_REDUCE)
-    def grad_sums_rows(dy, x, a, hi, k, g, out, start, stop):
+    def grad_sums_rows(dy, x, a, hi, k, g, out, sched):
         kk = _unpack(k)
         C = x.shape[1]
-        s1 = np.zeros(C)  # this call's own arrays, as in shifted_sums_rows
-        s2 = np.zeros(C)
+        s1 = np.empty(C)  # this call's own arrays, as in shifted_sums_rows
+        s2 = np.empty(C)
         h = hi.copy()
-        for r in range(start, stop):
-            dr, xr = dy[r], x[r]
-            ar = a[r]
-            gr = g[r] if keep_g else dr
-            for c in range(C):
-                gv = _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
-                if keep_g:
-                    gr[c] = st(gv, gr)
-                s1[c] += np.float64(gv)
-                s2[c] += np.float64(gv) * np.float64(ld(xr[c]) - h[c])
-        out[0, :] = s1
-        out[1, :] = s2
+        a1 = np.zeros_like(h)  # a block's sums, as in shifted_sums_rows
+        a2 = np.zeros_like(h)
+        j, r, stop = _claim(sched)
+        while j >= 0:
+            s1[:] = 0.0
+            s2[:] = 0.0
+            while r < stop:
+                r1 = min(r + ROWS_BLOCK, stop)
+                while r + 4 <= r1:
+                    d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+                    x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                    e0, e1, e2, e3 = a[r], a[r + 1], a[r + 2], a[r + 3]
+                    g0, g1, g2, g3 = ((g[r], g[r + 1], g[r + 2], g[r + 3]) if keep_g
+                                      else (d0, d1, d2, d3))
+                    for c in range(C):
+                        hc = h[c]
+                        u0, v0 = _gx(d0, e0, g0, x0, c, hc, code, keep_g, kk)
+                        u1, v1 = _gx(d1, e1, g1, x1, c, hc, code, keep_g, kk)
+                        u2, v2 = _gx(d2, e2, g2, x2, c, hc, code, keep_g, kk)
+                        u3, v3 = _gx(d3, e3, g3, x3, c, hc, code, keep_g, kk)
+                        a1[c] += (u0 + u1) + (u2 + u3)
+                        a2[c] += (v0 + v1) + (v2 + v3)
+                    r += 4
+                while r < r1:
+                    dr, xr, ar = dy[r], x[r], a[r]
+                    gr = g[r] if keep_g else dr
+                    for c in range(C):
+                        u, v = _gx(dr, ar, gr, xr, c, h[c], code, keep_g, kk)
+                        a1[c] += u
+                        a2[c] += v
+                    r += 1
+                _flush(a1, a2, s1, s2)
+            out[j, 0, :] = s1
+            out[j, 1, :] = s2
+            _done(sched)
+            j, r, stop = _claim(sched)
     return grad_sums_rows
 
 
@@ -414,41 +655,49 @@ def _make_grad_input(planar, code, use_g, training):
     ``g`` read from ``g`` when ``use_g``, else recomputed from ``dy``."""
     if planar:
         @njit(**_ELEMENTWISE)
-        def grad_input_planar(dy, x, a, hi, k, g, kx, c0, scale, dx, start, stop):
+        def grad_input_planar(dy, x, a, hi, k, g, kx, c0, scale, dx, sched):
             kk = _unpack(k)
             N, C, L = x.shape
-            for r in range(start, stop):
-                n = r // C
-                c = r - n * C
-                h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
-                dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
-                ar = a[n, c]
-                gr = g[n, c] if use_g else dr
-                for i in range(L):
-                    gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
-                    if training:
-                        dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
-                    else:
-                        dxr[i] = st(s * gv, dxr)
+            j, start, stop = _claim(sched)
+            while j >= 0:
+                for r in range(start, stop):
+                    n = r // C
+                    c = r - n * C
+                    h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
+                    dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
+                    ar = a[n, c]
+                    gr = g[n, c] if use_g else dr
+                    for i in range(L):
+                        gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
+                        if training:
+                            dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
+                        else:
+                            dxr[i] = st(s * gv, dxr)
+                _done(sched)
+                j, start, stop = _claim(sched)
         return grad_input_planar
 
     @njit(**_ELEMENTWISE)
-    def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, start, stop):
+    def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, sched):
         kk = _unpack(k)
         C = x.shape[1]
         hi, kx, c0, scale = hi.copy(), kx.copy(), c0.copy(), scale.copy()  # alias nothing
-        for r in range(start, stop):
-            dr, xr, dxr = dy[r], x[r], dx[r]
-            ar = a[r]
-            gr = g[r] if use_g else dr
-            for c in range(C):
-                gv = ld(gr[c]) if use_g else _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
-                if training:
-                    dxr[c] = st(kx[c] * (ld(xr[c]) - hi[c]) + c0[c] + scale[c] * gv, dxr)
-                else:
-                    dxr[c] = st(scale[c] * gv, dxr)
+        j, start, stop = _claim(sched)
+        while j >= 0:
+            for r in range(start, stop):
+                dr, xr, dxr = dy[r], x[r], dx[r]
+                ar = a[r]
+                gr = g[r] if use_g else dr
+                for c in range(C):
+                    gv = ld(gr[c]) if use_g else _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
+                    if training:
+                        dxr[c] = st(kx[c] * (ld(xr[c]) - hi[c]) + c0[c] + scale[c] * gv, dxr)
+                    else:
+                        dxr[c] = st(scale[c] * gv, dxr)
+            _done(sched)
+            j, start, stop = _claim(sched)
     return grad_input_rows
 
 
 _FACTORIES = {"normalize": _make_normalize, "grad_sums": _make_grad_sums,
-              "grad_input": _make_grad_input}
+              "grad_input": _make_grad_input, "forward": _make_forward}
