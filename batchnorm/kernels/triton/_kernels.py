@@ -103,6 +103,18 @@ def _activation_grad(dy, a, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _plane_tile(t, c, N, L, stride_n, tiles_l, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                BIG: tl.constexpr):
+    """Offsets and mask of tile ``t`` (row-major over ``tiles_l`` tiles per row) of
+    channel ``c``'s ``(N, L)`` plane in a planar tensor."""
+    tn = t // tiles_l
+    n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    l_ = (t - tn * tiles_l) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = (n[:, None] < N) & (l_[None, :] < L)
+    return _wide(c, BIG) * L + _wide(n, BIG)[:, None] * stride_n + l_[None, :], mask
+
+
+@triton.jit
 def stats_planar(x_ptr, hi_ptr, part_ptr, N, C, L, stride_n, tiles_l, tiles_per_prog,
                  num_tiles, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                  BIG: tl.constexpr):
@@ -115,12 +127,8 @@ def stats_planar(x_ptr, hi_ptr, part_ptr, N, C, L, stride_n, tiles_l, tiles_per_
     c = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
-    rn = tl.arange(0, BLOCK_N)
-    rl = tl.arange(0, BLOCK_L)
-    base = x_ptr + _wide(c, BIG) * L
-    mask0 = (rn[:, None] < N) & (rl[None, :] < L)
-    x0 = tl.load(base + _wide(rn, BIG)[:, None] * stride_n + rl[None, :], mask=mask0,
-                 other=0.0).to(tl.float32)
+    offs0, mask0 = _plane_tile(0, c, N, L, stride_n, tiles_l, BLOCK_N, BLOCK_L, BIG)
+    x0 = tl.load(x_ptr + offs0, mask=mask0, other=0.0).to(tl.float32)
     hi = tl.sum(tl.sum(x0, 1), 0) / tl.sum(tl.sum(mask0.to(tl.float32), 1), 0)
     s1 = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
     s2 = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
@@ -128,12 +136,8 @@ def stats_planar(x_ptr, hi_ptr, part_ptr, N, C, L, stride_n, tiles_l, tiles_per_
     start = s * tiles_per_prog
     stop = tl.minimum(start + tiles_per_prog, num_tiles)
     for t in range(start, stop):
-        tn = t // tiles_l
-        n = tn * BLOCK_N + rn
-        l_ = (t - tn * tiles_l) * BLOCK_L + rl
-        mask = (n[:, None] < N) & (l_[None, :] < L)
-        v = tl.load(base + _wide(n, BIG)[:, None] * stride_n + l_[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        offs, mask = _plane_tile(t, c, N, L, stride_n, tiles_l, BLOCK_N, BLOCK_L, BIG)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.where(mask, v - hi, 0.0)
         s1 += v
         s2 += v * v
@@ -325,6 +329,22 @@ def _split_mean(mean_ptr, c, cmask):
 
 
 @triton.jit
+def _grad_terms(dy_ptr, x_ptr, a_ptr, g_ptr, offs, mask, hi, slope, ACT: tl.constexpr,
+                KEEP_G: tl.constexpr):
+    """One tile's ``g = dy * act'`` and ``g * (x - hi)``, zero outside ``mask``;
+    ``g`` is stored when ``KEEP_G``."""
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _activation_grad(g, a, ACT, slope)
+    if KEEP_G:
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.where(mask, g, 0.0)
+    return g, g * tl.where(mask, x - hi, 0.0)
+
+
+@triton.jit
 def grad_sums_planar(dy_ptr, x_ptr, a_ptr, g_ptr, mean_ptr, part_ptr, N, C, L, stride_n,
                      tiles_l, tiles_per_prog, num_tiles, slope, ACT: tl.constexpr,
                      KEEP_G: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -336,29 +356,15 @@ def grad_sums_planar(dy_ptr, x_ptr, a_ptr, g_ptr, mean_ptr, part_ptr, N, C, L, s
     s = tl.program_id(1)
     S = tl.num_programs(1)
     hi, _ = _split_mean(mean_ptr, c, c < C)
-    rn = tl.arange(0, BLOCK_N)
-    rl = tl.arange(0, BLOCK_L)
-    c_off = _wide(c, BIG) * L
     sg = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
     sgx = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
     start = s * tiles_per_prog
     stop = tl.minimum(start + tiles_per_prog, num_tiles)
     for t in range(start, stop):
-        tn = t // tiles_l
-        n = tn * BLOCK_N + rn
-        l_ = (t - tn * tiles_l) * BLOCK_L + rl
-        mask = (n[:, None] < N) & (l_[None, :] < L)
-        offs = c_off + _wide(n, BIG)[:, None] * stride_n + l_[None, :]
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ACT != 0:
-            a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = _activation_grad(g, a, ACT, slope)
-        if KEEP_G:
-            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask, g, 0.0)
+        offs, mask = _plane_tile(t, c, N, L, stride_n, tiles_l, BLOCK_N, BLOCK_L, BIG)
+        g, gxc = _grad_terms(dy_ptr, x_ptr, a_ptr, g_ptr, offs, mask, hi, slope, ACT, KEEP_G)
         sg += g
-        sgx += g * tl.where(mask, x - hi, 0.0)
+        sgx += gxc
     tl.store(part_ptr + s * C + c, tl.sum(tl.sum(sg, 1), 0))
     tl.store(part_ptr + (S + s) * C + c, tl.sum(tl.sum(sgx, 1), 0))
 
@@ -383,16 +389,10 @@ def grad_sums_rows(dy_ptr, x_ptr, a_ptr, g_ptr, mean_ptr, part_ptr, M, C, rows_p
         r = r0 + rm
         mask = (r[:, None] < stop) & cmask[None, :]
         offs = _wide(r, BIG)[:, None] * C + c[None, :]
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ACT != 0:
-            a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = _activation_grad(g, a, ACT, slope)
-        if KEEP_G:
-            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask, g, 0.0)
+        g, gxc = _grad_terms(dy_ptr, x_ptr, a_ptr, g_ptr, offs, mask, hi[None, :], slope, ACT,
+                             KEEP_G)
         sg += g
-        sgx += g * tl.where(mask, x - hi[None, :], 0.0)
+        sgx += gxc
     tl.store(part_ptr + s * C + c, tl.sum(sg, 0), mask=cmask)
     tl.store(part_ptr + (S + s) * C + c, tl.sum(sgx, 0), mask=cmask)
 
