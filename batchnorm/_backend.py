@@ -72,21 +72,34 @@ def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
         ValueError: ``name`` is not a backend.
         RuntimeError: the backend was asked for by name and cannot run on ``x``.
     """
-    _check_name(name)
     if name == "auto":
         forced = os.environ.get(ENV_VAR, "").strip()
         if forced and forced != "auto":
             return resolve_backend(forced, x)
+    # Everything an answer depends on, so that a layer's every call after its
+    # first is one dictionary lookup (the full checks cost ~10 us a call).
+    key = (name, x.device.type, _NUMBA, name == "triton" and _interpreter_requested())
+    found = _RESOLVED.get(key)
+    if found is not None:
+        return found
+    _check_name(name)
+    if name == "auto":
         # Triton for CUDA tensors, the CPU kernels for CPU tensors: never
         # Triton's interpreter, which is for tests only.
         candidate = {"cuda": "triton", "cpu": "cpu"}.get(x.device.type)
+        found = torch_ops
         if candidate is not None and unavailable_reason(candidate, x) is None:
-            return _load(candidate)
-        return torch_ops
-    reason = unavailable_reason(name, x)
-    if reason is not None:
-        raise RuntimeError(f"backend={name!r} cannot run: {reason}")
-    return _load(name)
+            found = _load(candidate)
+    else:
+        reason = unavailable_reason(name, x)
+        if reason is not None:
+            raise RuntimeError(f"backend={name!r} cannot run: {reason}")
+        found = _load(name)
+    _RESOLVED[key] = found
+    return found
+
+
+_RESOLVED: dict[tuple, ModuleType] = {}
 
 
 def _interpreter_requested() -> bool:

@@ -23,7 +23,6 @@ calling thread alone: waking a thread costs more than it saves there.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import threading
@@ -262,11 +261,33 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mean), torch.from_numpy(var).to(compute_dtype(x.dtype))
 
 
+# NumPy views of per-channel tensors (weights, biases, running statistics),
+# by tensor object: a module hands the same ones to every call, and
+# ``.detach().numpy()`` costs a microsecond or two each. An entry holds its
+# tensor, so an id is not reused while it is cached; a tensor whose storage
+# was swapped (``.data =``, ``resize_``) misses.
+_VIEWS: dict[int, tuple] = {}
+_VIEWS_MAX = 1024
+
+
+def _channel_array(t: torch.Tensor) -> np.ndarray:
+    """``t.detach().numpy()`` for a per-channel tensor, cached (see _VIEWS)."""
+    key = (t.data_ptr(), t.numel(), t.dtype)
+    hit = _VIEWS.get(id(t))
+    if hit is not None and hit[0] is t and hit[1] == key:
+        return hit[2]
+    a = t.detach().numpy()
+    if len(_VIEWS) >= _VIEWS_MAX:
+        _VIEWS.clear()
+    _VIEWS[id(t)] = (t, key, a)
+    return a
+
+
 def _param(t, ndt) -> np.ndarray:
     """A weight or bias as the kernels take it (empty for ``None``)."""
     if t is None:
         return np.empty(0, ndt)
-    a = t.detach().numpy()
+    a = _channel_array(t)
     return a if a.dtype == ndt else a.astype(ndt)
 
 
@@ -334,9 +355,10 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
     invstd, hi, scale, shift = _affine(mean, var, eps, weight, bias, ndt)
     out, act_saved = _normalize(v, x, xv, hi, scale, shift, residual, activation,
                                 negative_slope)
-    mean_t = torch.from_numpy(mean) if training else running_mean.to(compute_dtype(x.dtype))
-    var_t = torch.from_numpy(var.astype(ndt)) if training else running_var.to(
-        compute_dtype(x.dtype))
+    if training:
+        mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var.astype(ndt))
+    else:
+        mean_t, var_t = _in_dtype(running_mean, x.dtype), _in_dtype(running_var, x.dtype)
     return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
 
 
@@ -367,15 +389,22 @@ def _forward_one_call(v, x, xv, ndt, running_mean, running_var, weight, bias, re
     if training:
         mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var.astype(ndt))
     else:
-        cdtype = compute_dtype(x.dtype)
-        mean_t, var_t = running_mean.to(cdtype), running_var.to(cdtype)
+        mean_t, var_t = _in_dtype(running_mean, x.dtype), _in_dtype(running_var, x.dtype)
     return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A running statistic in ``dtype``'s compute dtype (``t`` itself if it is:
+    ``.to`` costs a dispatch even then)."""
+    cdtype = compute_dtype(dtype)
+    return t if t.dtype == cdtype else t.to(cdtype)
 
 
 def _stat_array(t: torch.Tensor) -> np.ndarray:
     """A running statistic as NumPy (float32 for a bfloat16 or float16 buffer)."""
-    t = t.detach()
-    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+    if t.dtype in (torch.float32, torch.float64):
+        return _channel_array(t)
+    return t.detach().float().numpy()
 
 
 _CONSTANTS: dict = {}
