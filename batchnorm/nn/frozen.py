@@ -277,10 +277,32 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
         >>> type(model[1]).__name__, sum(p.numel() for p in model[1].parameters())
         ('FrozenBatchNorm2d', 0)
     """
+    # Every frozen layer is built before any is put in place, so a layer that
+    # cannot be frozen leaves the model as it was.
     if isinstance(module, _BatchNorm):
-        return _frozen_class(module).from_batchnorm(module)
-    for name, child in module.named_children():
-        new = convert_frozen_batchnorm(child)
-        if new is not child:
-            module.add_module(name, new)
+        return _frozen(module)
+    swaps = [(parent, name, _frozen(child)) for parent, name, child in _bn_layers(module)]
+    for parent, name, frozen in swaps:
+        parent.add_module(name, frozen)
     return module
+
+
+def _bn_layers(module: nn.Module):
+    """``(parent, name, layer)`` for every batch norm layer under ``module``
+    (not looking inside one)."""
+    for name, child in module.named_children():
+        if isinstance(child, _BatchNorm):
+            yield module, name, child
+        else:
+            yield from _bn_layers(child)
+
+
+def _frozen(bn: _BatchNorm) -> FrozenBatchNorm:
+    extra = [name for name, _ in bn.named_children()]
+    if extra:
+        # timm's BatchNormAct2d and the like: its activation (and drop) would be lost.
+        raise ValueError(
+            f"{type(bn).__name__} has submodules ({', '.join(extra)}) that a frozen layer "
+            "would drop; use batchnorm.tools.convert_batchnorm(model, to='frozen'), which "
+            "keeps a timm BatchNormAct2d's activation")
+    return _frozen_class(bn).from_batchnorm(bn)

@@ -156,6 +156,32 @@ def test_convert_a_model_and_sync_batchnorm():
     assert isinstance(convert_frozen_batchnorm(nn.BatchNorm2d(2)), FrozenBatchNorm2d)
 
 
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """Shaped like timm's BatchNormAct2d: a BatchNorm2d subclass with an ``act`` child."""
+
+    def __init__(self, C):
+        super().__init__(C)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+def test_a_layer_with_submodules_is_refused_and_nothing_changes():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(_BatchNormAct(3)))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"_BatchNormAct has submodules \(act\).*to='frozen'"):
+        convert_frozen_batchnorm(model)
+    assert [type(m) for m in model.modules()] == before  # the first layer was not swapped
+
+
+def test_an_error_on_a_later_layer_changes_nothing():
+    model = nn.Sequential(nn.BatchNorm2d(3), batchnorm.BatchNormalization())
+    with pytest.raises(ValueError, match="normalizes axis -1"):
+        convert_frozen_batchnorm(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
 class _TorchvisionStyle(nn.Module):
     """torchvision.ops.FrozenBatchNorm2d as documented: four buffers, eps=1e-5, version 1."""
 
