@@ -93,7 +93,7 @@ def test_kernels_see_contiguous_and_channels_last_inputs_without_a_copy(shape, f
 @pytest.mark.parametrize("make", [
     lambda: torch.randn(3, 4, 5, 6).permute(0, 2, 1, 3),  # neither NCHW nor NHWC
     lambda: torch.randn(4, 6, 8)[:, ::2],                 # a strided slice
-    lambda: torch.randn(4, 3, 5, dtype=torch.float16),    # no float16 in Numba
+    lambda: torch.randn(4, 3, 1).expand(4, 3, 5),         # a broadcast (stride 0)
 ])
 def test_other_layouts_and_dtypes_run_on_the_portable_path_with_the_same_results(make):
     x = make()
@@ -250,18 +250,44 @@ def test_compiled_kernels_are_loaded_from_the_disk_cache_by_a_new_process():
 
 
 
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, np.uint16), (torch.float16, np.int16)])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
-def test_bfloat16_runs_in_the_kernels_and_rounds_once(fmt, activation):
-    # bfloat16 is loaded and stored as its bits, computed in float32: the
-    # output equals the float32 kernels' output on the same values, rounded.
-    x = make_input((6, 5, 4, 3), torch.bfloat16, fmt, seed=12, scale=3.0, offset=2.0)
+def test_16_bit_floats_run_in_the_kernels_and_round_once(dtype, bits, fmt, activation):
+    # bfloat16 and float16 are loaded and stored as their bits, computed in
+    # float32: the output and grad_input equal the float32 kernels' ones on the
+    # same values, rounded.
+    x = make_input((6, 5, 4, 3), dtype, fmt, seed=12, scale=3.0, offset=2.0)
+    dy = make_input(x.shape, dtype, fmt, seed=13)
     assert cpu._view(x) is not None
-    assert cpu._view(x).of(x).dtype == np.uint16
-    y16 = batch_norm(x, None, None, training=True, activation=activation, backend="cpu")
-    y32 = batch_norm(x.float(), None, None, training=True, activation=activation, backend="cpu")
-    assert y16.dtype == torch.bfloat16 and y16.is_contiguous(memory_format=fmt)
-    assert torch.equal(y16, y32.to(torch.bfloat16))
+    assert cpu._view(x).of(x).dtype == bits
+    x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y16 = batch_norm(x16, None, None, training=True, activation=activation, backend="cpu")
+    y32 = batch_norm(x32, None, None, training=True, activation=activation, backend="cpu")
+    assert y16.dtype == dtype and y16.is_contiguous(memory_format=fmt)
+    assert torch.equal(y16, y32.to(dtype))
+    (g16,), (g32,) = torch.autograd.grad(y16, x16, dy), torch.autograd.grad(y32, x32, dy.float())
+    assert g16.dtype == dtype
+    assert torch.equal(g16, g32.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_and_running_statistics_are_taken_as_their_float32_values(dtype):
+    x = make_input((6, 5, 4, 3), dtype, seed=14)
+    runs = []
+    for pdtype in (dtype, torch.float32):
+        w = torch.linspace(0.5, 1.5, 5).to(dtype).to(pdtype).requires_grad_()
+        b = torch.linspace(-0.3, 0.3, 5).to(dtype).to(pdtype).requires_grad_()
+        rm = torch.linspace(-1.0, 1.0, 5).to(dtype).to(pdtype)
+        rv = torch.linspace(0.5, 2.0, 5).to(dtype).to(pdtype)
+        ev = batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, backend="cpu")
+        xr = x.clone().requires_grad_()
+        y = batch_norm(xr, rm, rv, w, b, True, 0.1, 1e-5, activation="relu", backend="cpu")
+        grads = torch.autograd.grad(y, (xr, w, b), torch.ones_like(y))
+        assert all(g.dtype == t.dtype for g, t in zip(grads, (xr, w, b), strict=True))
+        runs.append((ev, y, grads[0], *(t.to(dtype) for t in (*grads[1:], rm, rv))))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_bfloat16_rounding_matches_torch_on_ties_nan_and_inf():
@@ -279,3 +305,72 @@ def test_bfloat16_rounding_matches_torch_on_ties_nan_and_inf():
     want = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     nan = np.isnan(values.numpy()) & ((out & 0x7F80) == 0x7F80) & ((out & 0x7F) != 0)
     assert ((out == want) | nan).all(), (out, want)
+
+
+def _convert_all(fn, values, out_dtype):
+    from numba import njit
+
+    @njit
+    def convert(values, out):
+        for i in range(values.size):
+            out[i] = fn(values[i])
+
+    out = np.empty(values.size, out_dtype)
+    convert(values, out)
+    return out
+
+
+def _st_half():
+    from numba import njit
+
+    @njit(inline="always")
+    def st(value):
+        return cpu.K.st(value, np.empty(0, np.int16))
+    return st
+
+
+# What the kernels use (F16C where the target has it), and the integer fallback.
+_HALF_LOADS = {"target": lambda: cpu.K.ld, "int": lambda: cpu.K.half_to_f32_int}
+_HALF_STORES = {"target": _st_half, "int": lambda: cpu.K.f32_to_half_int}
+
+
+@pytest.mark.parametrize("method", ["target", "int"])
+def test_float16_loads_match_torch_on_every_bit_pattern(method):
+    bits = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
+    got = _convert_all(_HALF_LOADS[method](), bits, np.float32)
+    want = torch.from_numpy(bits).view(torch.float16).float().numpy()
+    nan = np.isnan(want)
+    assert nan.sum() == 2046
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all()
+    assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def _float32_cases():
+    """Random bit patterns, a sweep of the half range, every tie between two
+    halves and its neighbours, and the edges (overflow, NaN, Inf, zeros)."""
+    rng = np.random.default_rng(0)
+    halves = torch.arange(0, 0x7C01, dtype=torch.int16).view(torch.float16).double().numpy()
+    ties = ((halves[1:] + halves[:-1]) / 2).astype(np.float32)  # exact in float32
+    up, down = np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(0))
+    edges = np.array([0, 1, 0x007FFFFF, 0x32FFFFFF, 0x33000000, 0x33000001, 0x387FFFFF,
+                      0x38800000, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FF001, 0x47800000,
+                      0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FC01234, 0x7FFFFFFF],
+                     np.uint32)
+    magnitudes = np.concatenate([
+        rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32) & 0x7FFFFFFF,
+        np.arange(0x32000000, 0x48000000, 331, dtype=np.uint32),
+        ties.view(np.uint32), up.view(np.uint32), down.view(np.uint32), edges])
+    return np.concatenate([magnitudes, magnitudes | np.uint32(0x80000000)]).view(np.float32)
+
+
+@pytest.mark.parametrize("method", ["target", "int"])
+def test_float16_stores_round_like_torch_on_ties_subnormals_overflow_nan_and_inf(method):
+    values = _float32_cases()
+    got = _convert_all(_HALF_STORES[method](), values, np.int16)
+    want = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
+    nan = np.isnan(values)
+    assert np.array_equal(got[~nan], want[~nan])
+    got_bits = got[nan].view(np.uint16)
+    assert ((got_bits & 0x7C00) == 0x7C00).all() and ((got_bits & 0x3FF) != 0).all()
+    assert np.array_equal(got_bits >> 15, np.signbit(values[nan]).astype(np.uint16))

@@ -4,9 +4,10 @@ The same functions as :mod:`batchnorm.kernels.torch_ops` (see that module for
 the contract), plus the fused :func:`forward` that the autograd function uses:
 one parallel pass for the statistics and one for the output, with the
 residual and the activation fused into it; a backward of one reduction pass
-and one elementwise pass. Inputs of another layout (an arbitrary permutation)
-or dtype (float16: Numba has no such type; bfloat16 is handled as its bits)
-run on the portable path, per call, with the same results contract.
+and one elementwise pass. bfloat16 and float16, types Numba lacks on the
+CPU, reach the kernels as their bits; inputs of another layout (an arbitrary
+permutation) or dtype run on the portable path, per call, with the same
+results contract.
 
 Threads: the kernels are serial and release the GIL; a pass over a large
 tensor is cut into chunks that the calling thread and a pool of
@@ -62,8 +63,10 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
             (mean.to(running_mean.dtype), var.to(running_var.dtype) * (count / (count - 1))),
             momentum)
 
-# bfloat16 reaches the kernels as its uint16 bits (see _kernels.ld / st).
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# bfloat16 and float16 reach the kernels as their bits, uint16 and int16 views
+# (K.BF16_BITS, K.HALF_BITS: see _kernels.ld / st).
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_BITS = {torch.bfloat16: K.BF16_BITS, torch.float16: K.HALF_BITS}
 
 # Re-centre the shifted sums when the shift was this many standard deviations
 # (squared) from the mean: below it float64 loses < 1e-10 relative.
@@ -153,14 +156,15 @@ class _View:
 
     def of(self, t: torch.Tensor) -> np.ndarray:
         """The same view of ``t`` (which has ``x``'s shape and strides); a
-        bfloat16 tensor as its uint16 bits."""
+        bfloat16 or float16 tensor as its bits (see _BITS)."""
         t = t.detach()
-        if t.dtype == torch.bfloat16:
+        bits = _BITS.get(t.dtype)
+        if bits is not None:
             t = t.view(torch.int16)
         if self.perm is not None:
             t = t.permute(self.perm)
         a = t.numpy().reshape(self.shape)
-        return a.view(np.uint16) if a.dtype == np.int16 else a
+        return a if bits is None else a.view(bits)
 
     def like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``t`` (its dtype kept) with ``x``'s layout; a copy only when it differs."""
@@ -204,9 +208,11 @@ def _np_dtype(dtype: torch.dtype):
 
 
 def _widen(a: np.ndarray) -> np.ndarray:
-    """Stored values (bfloat16 as uint16 bits included) as float64."""
-    if a.dtype == np.uint16:
+    """Stored values (bfloat16 and float16 bits included) as float64."""
+    if a.dtype == K.BF16_BITS:
         a = (a.astype(np.uint32) << 16).view(np.float32)
+    elif a.dtype == K.HALF_BITS:
+        a = a.view(np.float16)
     return a.astype(np.float64)
 
 
@@ -287,6 +293,8 @@ def _param(t, ndt) -> np.ndarray:
     """A weight or bias as the kernels take it (empty for ``None``)."""
     if t is None:
         return np.empty(0, ndt)
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
+        return t.detach().to(torch.float32 if ndt is np.float32 else torch.float64).numpy()
     a = _channel_array(t)
     return a if a.dtype == ndt else a.astype(ndt)
 
@@ -482,7 +490,7 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
     part, g = grad.sums(keep_g=need_r)
     sum_g, sum_gxc, kx, c0, scale = grad.coefficients(part, invstd, weight, _count(x),
                                                       training)
-    # A bfloat16 g is rounded: dx is computed from dy instead, in float32.
+    # A bfloat16/float16 g is rounded: dx is computed from dy instead, in float32.
     g_in = g if x.dtype == compute_dtype(x.dtype) else None
     grad_input = grad.grad_input(kx, c0, scale, training, g_in) if need_x else None
     cdtype = invstd.dtype
@@ -526,7 +534,7 @@ def backward_elementwise(grad_out, x, mean, invstd, weight, sum_g, sum_gxc, coun
                   invstd.detach().numpy(), _param(weight, grad.ndt), count, training, kx, c0,
                   scale)
     if g is not None and x.dtype != compute_dtype(x.dtype):
-        g = None  # rounded to bfloat16: recomputed from dy in float32 instead
+        g = None  # rounded to 16 bits: recomputed from dy in float32 instead
     return grad.grad_input(kx, c0, scale, training, None if g is None else v.like(g, x))
 
 
