@@ -1,8 +1,8 @@
 """The Triton backend against ``batchnorm.reference``, on awkward shapes.
 
 With a CUDA device the kernels run on it. Without one they run in Triton's
-interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here before the
-kernels are first imported): the same kernel code, executed with NumPy, so
+interpreter on CPU tensors (``TRITON_INTERPRET=1``, which the root
+``conftest.py`` sets before Triton is first imported): the same kernel code, executed with NumPy, so
 CI checks their logic (indexing, masks, the split reductions and their
 merge, the fused epilogues, the running-statistics update) on small shapes.
 The interpreter runs small tiles (``TILE_BYTES``), so these shapes still take
@@ -30,18 +30,9 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("the Triton backend needs Triton (pip install 'batchnorm[triton]')",
                 allow_module_level=True)
 
-# Triton reads TRITON_INTERPRET when its own language module and our kernels
-# are decorated, i.e. at the first import of triton: set it before that.
-if not CUDA:
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without CUDA the root conftest.py has set TRITON_INTERPRET=1 before Triton
+# was first imported (Triton reads it then): the kernels run in the interpreter.
 from batchnorm.kernels import triton as tk  # noqa: E402
-
-if not CUDA:
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +44,9 @@ def _small_tiles_and_interpreter(monkeypatch):
     monkeypatch.setattr(tk, "_sms", lambda _device: 2)  # the interpreter's slicing, on GPUs too
     if not CUDA:
         if not tk.INTERPRETED:
-            pytest.skip("Triton was imported before this module could ask for its "
-                        "interpreter (run this file on its own)")
+            pytest.skip("without CUDA these tests need Triton's interpreter: "
+                        "TRITON_INTERPRET=1 (set by conftest.py unless the environment "
+                        "sets it otherwise)")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
