@@ -169,13 +169,11 @@ def half_to_f32_int(bits):
     """float16 bits (int16) -> float32 in integer ops (see the section comment)."""
     h = _U(bits) & _U(0xFFFF)
     em = h & _U(0x7FFF)
-    f = (em << _U(13)) + _U((127 - 15) << 23)  # normal: exponent rebased
-    if em >= _U(0x7C00):  # Inf, NaN (quieted)
-        f = (em << _U(13)) | _U(0x7F800000)
-        if em > _U(0x7C00):
-            f |= _U(0x400000)
-    if em < _U(0x400):  # zero, subnormal: em * 2^-24, exact in float32
-        f = _f32_as_bits(np.float32(em) * np.float32(2.0 ** -24))
+    normal = (em << _U(13)) + _U((127 - 15) << 23)  # exponent rebased
+    quiet = _U(0x400000) if em > _U(0x7C00) else _U(0)
+    special = (em << _U(13)) | _U(0x7F800000) | quiet  # Inf, NaN (quieted)
+    tiny = _f32_as_bits(np.float32(em) * np.float32(2.0 ** -24))  # 0, subnormal: exact
+    f = tiny if em < _U(0x400) else (special if em >= _U(0x7C00) else normal)
     return _bits_as_f32(f | ((h & _U(0x8000)) << _U(16)))
 
 
@@ -183,18 +181,18 @@ def half_to_f32_int(bits):
 def f32_to_half_int(value):
     """float32 -> float16 bits (int16), nearest even, in integer ops (see the
     section comment); no float arithmetic, so ``reassoc`` cannot touch it."""
-    a = _f32_as_bits(np.float32(value))
-    sign = (a >> _U(16)) & _U(0x8000)
-    a &= _U(0x7FFFFFFF)
-    if a >= _U(0x47800000):  # |value| >= 65536: Inf, or NaN (quieted)
-        o = (_U(0x7E00) | ((a >> _U(13)) & _U(0x3FF))) if a > _U(0x7F800000) else _U(0x7C00)
-    elif a >= _U(0x38800000):  # a normal half, or rounded up to Inf
-        o = (a - _U((127 - 15) << 23) + _U(0xFFF) + ((a >> _U(13)) & _U(1))) >> _U(13)
-    else:  # subnormal or zero: the 24-bit significand shifted by 14..25
-        sh = np.int32(126) - np.int32(a >> _U(23))
-        sh = _U(max(np.int32(14), min(sh, np.int32(25))))
-        m = (a & _U(0x7FFFFF)) | _U(0x800000)
-        o = (m + ((_U(1) << (sh - _U(1))) - _U(1)) + ((m >> sh) & _U(1))) >> sh
+    bits = _f32_as_bits(np.float32(value))
+    sign = (bits >> _U(16)) & _U(0x8000)
+    a = bits & _U(0x7FFFFFFF)
+    # |value| >= 65536: Inf, or NaN (quieted)
+    special = (_U(0x7E00) | ((a >> _U(13)) & _U(0x3FF))) if a > _U(0x7F800000) else _U(0x7C00)
+    # a normal half, or rounded up to Inf
+    normal = (a - _U((127 - 15) << 23) + _U(0xFFF) + ((a >> _U(13)) & _U(1))) >> _U(13)
+    # subnormal or zero: the 24-bit significand shifted right by 14..25
+    sh = _U(max(np.int32(14), min(np.int32(126) - np.int32(a >> _U(23)), np.int32(25))))
+    m = (a & _U(0x7FFFFF)) | _U(0x800000)
+    tiny = (m + ((_U(1) << (sh - _U(1))) - _U(1)) + ((m >> sh) & _U(1))) >> sh
+    o = special if a >= _U(0x47800000) else (normal if a >= _U(0x38800000) else tiny)
     return np.int16(o | sign)
 
 
