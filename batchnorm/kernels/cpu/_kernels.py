@@ -35,18 +35,20 @@ Activation codes (``ACT``) select the epilogue; the branch on the code is
 loop-invariant, so LLVM unswitches it out of the inner loop.
 """
 
-# Numba's @intrinsic and @overload fix the argument lists of the 16-bit helpers.
-# ruff: noqa: ARG001, ARG005
-
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
-from llvmlite import ir as llvm_ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba import njit
+
+# The 16-bit formats and the chunk scheduler live in their own files; their
+# names are re-exported here, where the driver and the tests look for them.
+from ._bits import BF16_BITS, HALF_BITS, f32_to_half_int, half_to_f32_int, ld, st
+from ._schedule import _claim, _done, schedule, schedule_one, wait
+
+__all__ = ["BF16_BITS", "HALF_BITS", "f32_to_half_int", "half_to_f32_int", "ld", "st",
+           "schedule", "wait"]
 
 ACT = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "sigmoid": 5, "tanh": 6}
 
@@ -107,210 +109,9 @@ def _act_grad(dy, a, code, kk):
     return dy * (kk[ONE] - a * a)
 
 
-# ---------------------------------------------------------------- bfloat16 and float16
-#
-# Numba has no bfloat16 and no CPU float16 (its float16 type has no data model
-# there): both reach the kernels as their 16 bits, told apart by the integer
-# type of the view (BF16_BITS, HALF_BITS; see ``batchnorm.kernels.cpu._View``),
-# so every kernel is compiled per storage type as for float32/float64. ``ld``
-# widens a stored value to the compute type, ``st`` narrows a computed value
-# to an array's element type; both are plain casts for float32/float64 arrays.
-#
-# * bfloat16 -> float32 is the bits shifted into the top half of a float32;
-#   float32 -> bfloat16 rounds to nearest even, as PyTorch's conversion (NaN
-#   stays a quiet NaN). Integer ops that vectorize.
-# * float16 <-> float32 is LLVM's ``fpext``/``fptrunc`` on ``half`` where the
-#   target has F16C (``vcvtph2ps``/``vcvtps2ph``, 8 or 16 lanes: 6-9x faster
-#   than the integer conversion below, which LLVM vectorizes in 64-bit lanes),
-#   else integer ops (an ``fptrunc`` without F16C is a libcall the JIT may not
-#   resolve). Both are exact: subnormals, +-0 and Inf kept, round to nearest
-#   even on store with overflow to Inf; a NaN stays a NaN (quieted, the top of
-#   its payload kept, as F16C and PyTorch's vectorized conversion do).
-
-BF16_BITS = np.uint16
-HALF_BITS = np.int16
-
-
-@intrinsic
-def _bits_as_f32(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvm_ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def _f32_as_bits(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvm_ir.IntType(32))
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _half_fpext(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        half = builder.bitcast(args[0], llvm_ir.HalfType())
-        return builder.fpext(half, llvm_ir.FloatType())
-    return types.float32(types.int16), codegen
-
-
-@intrinsic
-def _half_fptrunc(typingctx, value):
-    def codegen(context, builder, signature, args):
-        half = builder.fptrunc(args[0], llvm_ir.HalfType())
-        return builder.bitcast(half, llvm_ir.IntType(16))
-    return types.int16(types.float32), codegen
-
-
-_U = np.uint32
-
-
-@njit(inline="always")
-def half_to_f32_int(bits):
-    """float16 bits (int16) -> float32 in integer ops (see the section comment)."""
-    h = _U(bits) & _U(0xFFFF)
-    em = h & _U(0x7FFF)
-    normal = (em << _U(13)) + _U((127 - 15) << 23)  # exponent rebased
-    quiet = _U(0x400000) if em > _U(0x7C00) else _U(0)
-    special = (em << _U(13)) | _U(0x7F800000) | quiet  # Inf, NaN (quieted)
-    tiny = _f32_as_bits(np.float32(em) * np.float32(2.0 ** -24))  # 0, subnormal: exact
-    f = tiny if em < _U(0x400) else (special if em >= _U(0x7C00) else normal)
-    return _bits_as_f32(f | ((h & _U(0x8000)) << _U(16)))
-
-
-@njit(inline="always")
-def f32_to_half_int(value):
-    """float32 -> float16 bits (int16), nearest even, in integer ops (see the
-    section comment); no float arithmetic, so ``reassoc`` cannot touch it."""
-    bits = _f32_as_bits(np.float32(value))
-    sign = (bits >> _U(16)) & _U(0x8000)
-    a = bits & _U(0x7FFFFFFF)
-    # |value| >= 65536: Inf, or NaN (quieted)
-    special = (_U(0x7E00) | ((a >> _U(13)) & _U(0x3FF))) if a > _U(0x7F800000) else _U(0x7C00)
-    # a normal half, or rounded up to Inf
-    normal = (a - _U((127 - 15) << 23) + _U(0xFFF) + ((a >> _U(13)) & _U(1))) >> _U(13)
-    # subnormal or zero: the 24-bit significand shifted right by 14..25
-    sh = _U(max(np.int32(14), min(np.int32(126) - np.int32(a >> _U(23)), np.int32(25))))
-    m = (a & _U(0x7FFFFF)) | _U(0x800000)
-    tiny = (m + ((_U(1) << (sh - _U(1))) - _U(1)) + ((m >> sh) & _U(1))) >> sh
-    o = special if a >= _U(0x47800000) else (normal if a >= _U(0x38800000) else tiny)
-    return np.int16(o | sign)
-
-
-@functools.cache
-def _target_has_f16c() -> bool:
-    """Whether Numba compiles for a CPU with F16C (its target's features,
-    ``NUMBA_CPU_FEATURES`` included; the disk cache is keyed on them too)."""
-    from numba.core import codegen, config
-
-    features = config.CPU_FEATURES
-    if features is None:
-        features = codegen.get_host_cpu_features()
-    return "+f16c" in features.split(",")
-
-
-def ld(value):
-    """A stored element as the compute type (see the section comment)."""
-
-
-def st(value, array):
-    """``value`` as ``array``'s element type (see the section comment)."""
-
-
-@overload(ld, inline="always")
-def _ld(value):
-    if value == types.uint16:  # bfloat16
-        return lambda value: _bits_as_f32(np.uint32(value) << np.uint32(16))
-    if value == types.int16:  # float16
-        if _target_has_f16c():
-            return lambda value: _half_fpext(value)
-        return lambda value: half_to_f32_int(value)
-    return lambda value: value
-
-
-@overload(st, inline="always")
-def _st(value, array):
-    if array.dtype == types.uint16:  # bfloat16
-        def to_bf16(value, array):
-            v = np.float32(value)
-            if v != v:
-                return np.uint16(0x7FC0)
-            bits = _f32_as_bits(v)
-            bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-            return np.uint16(bits >> np.uint32(16))
-        return to_bf16
-    if array.dtype == types.int16:  # float16
-        if _target_has_f16c():
-            return lambda value, array: _half_fptrunc(np.float32(value))
-        return lambda value, array: f32_to_half_int(value)
-    return lambda value, array: value
-
-
 @njit(inline="always")
 def _unpack(k):
     return k[0], k[1], k[2], k[3], k[4], k[5]
-
-
-# ---------------------------------------------------------------- scheduling
-#
-# A pass is cut into chunks; every thread that runs it (the caller, and pool
-# threads once they wake) calls the same kernel with the same ``sched`` array
-# ``[next, done, chunks, total]`` and takes chunks with an atomic counter
-# until none is left, all without returning to Python (a chunk handed out in
-# Python costs a dispatch and a GIL handover, ~2-5 us each). Chunk ``j``
-# covers ``total * j // chunks`` to ``total * (j + 1) // chunks``; which thread
-# takes it does not change the result (a reduction writes chunk ``j``'s
-# partial to slot ``j``). The caller then spins (:func:`wait`) until the
-# chunks other threads took are done; a thread that wakes after the last
-# chunk was taken finds none and returns.
-
-@intrinsic
-def _fetch_add(typingctx, sched, index, value):
-    """``sched[index] += value`` atomically (sequentially consistent); the old value."""
-    def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(array.data, [args[1]])
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-    return types.int64(sched, types.intp, types.int64), codegen
-
-
-@njit(inline="always")
-def _claim(sched):
-    """``(j, start, stop)``: the next chunk of the pass, or ``j = -1``."""
-    j = _fetch_add(sched, 0, 1)
-    chunks, total = sched[2], sched[3]
-    if j >= chunks:
-        return -1, 0, 0
-    return j, total * j // chunks, total * (j + 1) // chunks
-
-
-@njit(inline="always")
-def _done(sched):
-    _fetch_add(sched, 1, 1)
-
-
-@njit(cache=True, nogil=True)
-def wait(sched, spins):
-    """Whether every chunk of the pass is done, spinning at most ``spins``
-    times (the chunks other threads took end within one chunk's time, unless
-    such a thread was descheduled: then the caller blocks instead)."""
-    for _ in range(spins):
-        if _fetch_add(sched, 1, 0) >= sched[2]:
-            return True
-    return False
-
-
-def schedule(total: int, chunks: int) -> np.ndarray:
-    """The ``sched`` array of a pass over ``range(total)`` in ``chunks`` chunks."""
-    return np.array([0, 0, chunks, total], dtype=np.int64)
-
-
-@njit(inline="always")
-def schedule_one(total):
-    """:func:`schedule` of one chunk, in compiled code."""
-    sched = np.zeros(4, np.int64)
-    sched[2] = 1
-    sched[3] = total
-    return sched
 
 
 def saves_output(activation, negative_slope) -> bool:
