@@ -160,6 +160,14 @@ def _store_partial(part_ptr, s, S, C, c, count, s1, s2):
 
 
 @triton.jit
+def _rows_tile(r0, stop, c, cmask, C, BLOCK_M: tl.constexpr, BIG: tl.constexpr):
+    """Offsets and mask of rows ``[r0, min(r0 + BLOCK_M, stop))``, channels ``c``, of a
+    rows-layout tensor."""
+    r = r0 + tl.arange(0, BLOCK_M)
+    return _wide(r, BIG)[:, None] * C + c[None, :], (r[:, None] < stop) & cmask[None, :]
+
+
+@triton.jit
 def stats_rows(x_ptr, hi_ptr, part_ptr, M, C, rows_per_prog,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
     """Partials ``(count, mean, M2)`` of channels ``program_id(0) * BLOCK_C + ...`` over
@@ -169,20 +177,16 @@ def stats_rows(x_ptr, hi_ptr, part_ptr, M, C, rows_per_prog,
     S = tl.num_programs(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    rm = tl.arange(0, BLOCK_M)
-    mask0 = (rm[:, None] < M) & cmask[None, :]
-    x0 = tl.load(x_ptr + _wide(rm, BIG)[:, None] * C + c[None, :], mask=mask0,
-                 other=0.0).to(tl.float32)
+    offs0, mask0 = _rows_tile(0, M, c, cmask, C, BLOCK_M, BIG)
+    x0 = tl.load(x_ptr + offs0, mask=mask0, other=0.0).to(tl.float32)
     hi = tl.sum(x0, 0) / tl.minimum(M, BLOCK_M).to(tl.float32)
     s1 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     s2 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     start = _wide(s, BIG) * rows_per_prog
     stop = tl.minimum(start + rows_per_prog, M)
     for r0 in range(start, stop, BLOCK_M):
-        r = r0 + rm
-        mask = (r[:, None] < stop) & cmask[None, :]
-        v = tl.load(x_ptr + _wide(r, BIG)[:, None] * C + c[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        offs, mask = _rows_tile(r0, stop, c, cmask, C, BLOCK_M, BIG)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.where(mask, v - hi[None, :], 0.0)
         s1 += v
         s2 += v * v
@@ -380,15 +384,12 @@ def grad_sums_rows(dy_ptr, x_ptr, a_ptr, g_ptr, mean_ptr, part_ptr, M, C, rows_p
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     hi, _ = _split_mean(mean_ptr, c, cmask)
-    rm = tl.arange(0, BLOCK_M)
     sg = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     sgx = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     start = _wide(s, BIG) * rows_per_prog
     stop = tl.minimum(start + rows_per_prog, M)
     for r0 in range(start, stop, BLOCK_M):
-        r = r0 + rm
-        mask = (r[:, None] < stop) & cmask[None, :]
-        offs = _wide(r, BIG)[:, None] * C + c[None, :]
+        offs, mask = _rows_tile(r0, stop, c, cmask, C, BLOCK_M, BIG)
         g, gxc = _grad_terms(dy_ptr, x_ptr, a_ptr, g_ptr, offs, mask, hi[None, :], slope, ACT,
                              KEEP_G)
         sg += g
