@@ -130,19 +130,18 @@ def shifted_sums_planar(x, shift, out, sched):
     N, C, L = x.shape
     j, start, stop = _claim(sched)
     while j >= 0:
-        for r in range(start, stop):
-            n = r // C
-            c = r - n * C
-            k = shift[c]
-            xr = x[n, c]
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(L):
-                d = np.float64(ld(xr[i])) - k
-                s1 += d
-                s2 += d * d
-            out[n, 0, c] = s1
-            out[n, 1, c] = s2
+        for n in range(start // C, (stop + C - 1) // C):
+            for c in range(max(start - n * C, 0), min(stop - n * C, C)):
+                k = shift[c]
+                xr = x[n, c]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(L):
+                    d = np.float64(ld(xr[i])) - k
+                    s1 += d
+                    s2 += d * d
+                out[n, 0, c] = s1
+                out[n, 1, c] = s2
         _done(sched)
         j, start, stop = _claim(sched)
 
@@ -355,19 +354,18 @@ def _normalize_planar(x, hi, scale, shift, res, out, pre, kk, code, has_res, sav
     N, C, L = x.shape
     j, start, stop = _claim(sched)
     while j >= 0:
-        for r in range(start, stop):
-            n = r // C
-            c = r - n * C
-            h, s, t = hi[c], scale[c], shift[c]
-            xr, orow = x[n, c], out[n, c]
-            rr = res[n, c] if has_res else xr
-            for i in range(L):
-                z = (ld(xr[i]) - h) * s + t
-                if has_res:
-                    z += ld(rr[i])
-                if save_pre:
-                    pre[n, c, i] = z
-                orow[i] = st(_act(z, code, kk), orow)
+        for n in range(start // C, (stop + C - 1) // C):
+            for c in range(max(start - n * C, 0), min(stop - n * C, C)):
+                h, s, t = hi[c], scale[c], shift[c]
+                xr, orow = x[n, c], out[n, c]
+                rr = res[n, c] if has_res else xr
+                for i in range(L):
+                    z = (ld(xr[i]) - h) * s + t
+                    if has_res:
+                        z += ld(rr[i])
+                    if save_pre:
+                        pre[n, c, i] = z
+                    orow[i] = st(_act(z, code, kk), orow)
         _done(sched)
         j, start, stop = _claim(sched)
 
@@ -470,23 +468,22 @@ def _make_grad_sums(planar, code, keep_g):
             N, C, L = x.shape
             j, start, stop = _claim(sched)
             while j >= 0:
-                for r in range(start, stop):
-                    n = r // C
-                    c = r - n * C
-                    h = hi[c]
-                    dr, xr = dy[n, c], x[n, c]
-                    ar = a[n, c]
-                    gr = g[n, c] if keep_g else dr
-                    s1 = 0.0
-                    s2 = 0.0
-                    for i in range(L):
-                        gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
-                        if keep_g:
-                            gr[i] = st(gv, gr)
-                        s1 += np.float64(gv)
-                        s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
-                    out[n, 0, c] = s1
-                    out[n, 1, c] = s2
+                for n in range(start // C, (stop + C - 1) // C):
+                    for c in range(max(start - n * C, 0), min(stop - n * C, C)):
+                        h = hi[c]
+                        dr, xr = dy[n, c], x[n, c]
+                        ar = a[n, c]
+                        gr = g[n, c] if keep_g else dr
+                        s1 = 0.0
+                        s2 = 0.0
+                        for i in range(L):
+                            gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
+                            if keep_g:
+                                gr[i] = st(gv, gr)
+                            s1 += np.float64(gv)
+                            s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
+                        out[n, 0, c] = s1
+                        out[n, 1, c] = s2
                 _done(sched)
                 j, start, stop = _claim(sched)
         return grad_sums_planar
@@ -547,19 +544,18 @@ def _make_grad_input(planar, code, use_g, training):
             N, C, L = x.shape
             j, start, stop = _claim(sched)
             while j >= 0:
-                for r in range(start, stop):
-                    n = r // C
-                    c = r - n * C
-                    h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
-                    dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
-                    ar = a[n, c]
-                    gr = g[n, c] if use_g else dr
-                    for i in range(L):
-                        gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
-                        if training:
-                            dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
-                        else:
-                            dxr[i] = st(s * gv, dxr)
+                for n in range(start // C, (stop + C - 1) // C):
+                    for c in range(max(start - n * C, 0), min(stop - n * C, C)):
+                        h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
+                        dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
+                        ar = a[n, c]
+                        gr = g[n, c] if use_g else dr
+                        for i in range(L):
+                            gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
+                            if training:
+                                dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
+                            else:
+                                dxr[i] = st(s * gv, dxr)
                 _done(sched)
                 j, start, stop = _claim(sched)
         return grad_input_planar
