@@ -163,51 +163,82 @@ def test_nan_and_inf_propagate_like_torch():
 
 # ---------------------------------------------------------------- threads
 
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "own-pool"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_thread_count_follows_torch_and_does_not_change_results(fmt, monkeypatch):
+def test_thread_count_follows_torch_and_does_not_change_results(fmt, openmp, monkeypatch):
+    if openmp and not cpu.P.use_openmp():
+        pytest.skip("PyTorch here does not run on GNU-compatible OpenMP")
+    if not openmp:
+        monkeypatch.setattr(cpu.P, "GOMP_PARALLEL", 0)  # as where PyTorch has no OpenMP
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)  # split even this small input
     monkeypatch.setattr(cpu, "_CHUNK_MIN", 64)
     x = make_input((16, 8, 12, 12), torch.float64, fmt, seed=4)
     before = torch.get_num_threads()
-    seen = []
-    real_run = cpu._run
+    seen = []  # (chunks, threads, OpenMP) of every pass or compiled forward/backward
+    real_launch = cpu.P.launch
 
-    def spy(kernel, args, total, chunks):
-        seen.append((chunks, torch.get_num_threads()))
-        return real_run(kernel, args, total, chunks)
+    def launch_spy(gomp, fn, threads, dims, arrays):
+        seen.append((arrays[-1][2], threads, gomp != 0))
+        return real_launch(gomp, fn, threads, dims, arrays)
 
-    monkeypatch.setattr(cpu, "_run", spy)
+    def spying(real):
+        def spy(gomp, threads, chunks, *args):
+            seen.append((chunks, threads, gomp != 0))
+            return real(gomp, threads, chunks, *args)
+        return spy
+
+    monkeypatch.setattr(cpu.P, "launch", launch_spy)
+    monkeypatch.setattr(cpu._passes, "forward", spying(cpu._passes.forward))
+    monkeypatch.setattr(cpu._passes, "backward", spying(cpu._passes.backward))
     try:
         torch.set_num_threads(1)
         one = _run(x, "relu")
-        assert {c for c, _ in seen} == {1}  # one thread: no split, no pool
+        assert seen and {(c, t) for c, t, _ in seen} == {(1, 1)}  # no split, no pool
         seen.clear()
         torch.set_num_threads(3)
         many = _run(x, "relu")
-        assert all(c > 3 for c, _ in seen)
-        assert cpu._POOL._key[0] == 2  # the caller plus 2 pool threads: torch's count
+        assert seen and all(c > 3 for c, _, _ in seen)
+        if openmp:  # OpenMP regions of torch's thread count
+            assert {(t, omp) for _, t, omp in seen} == {(3, True)}
+        else:  # the caller plus 2 pool threads, each running the pass on its own
+            assert {(t, omp) for _, t, omp in seen} == {(1, False)}
+            assert cpu.P.POOL._key[0] == 2
     finally:
         torch.set_num_threads(before)
     for a, b in zip(one, many, strict=True):
         assert_close(a, b, 1e-13, 1e-13)
 
 
-def test_a_pool_thread_that_wakes_after_the_pass_touches_nothing():
-    # Chunks are taken inside the kernel from a shared counter; a thread
-    # that starts once all are taken must return without writing.
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_the_kernels_start_no_threads_beside_torchs():
+    # With PyTorch on OpenMP the passes run on its threads: once PyTorch's
+    # pool exists, a large batch norm adds no thread to the process.
+    if not cpu.P.use_openmp():
+        pytest.skip("PyTorch here does not run on GNU-compatible OpenMP")
+    import os
+
+    x = torch.randn(32, 16, 32, 32, requires_grad=True)
+    (x * 2).sum()  # PyTorch's OpenMP threads exist from here
+    threads = set(os.listdir("/proc/self/task"))
+    batch_norm(x, None, None, training=True, activation="relu", backend="cpu").sum().backward()
+    assert set(os.listdir("/proc/self/task")) <= threads  # none new (an old one may end)
+
+
+def test_a_thread_that_starts_after_the_pass_touches_nothing():
+    # Chunks are taken inside the pass from a shared counter; a thread that
+    # starts once all are taken must return without writing.
     x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
-    kernel = cpu.K.specialised("normalize", False, cpu.K.ACT["relu"], False, False)
+    fn = cpu.V.specialised("normalize", False, cpu.K.ACT["relu"], False, False, np.float32)
     one = np.ones(6, np.float32)
-    args = (x, one, one, one, np.empty((0, 0), np.float32), np.empty_like(x),
-            np.empty((0, 0), np.float32), cpu.K.constants(np.float32, 0.01))
+    out = np.empty_like(x)
     sched = cpu.K.schedule(40, 5)
-    kernel(*args, sched)
+    arrays = (x, one, one, one, x, out, x, cpu.K.constants(np.float32, 0.01), sched)
+    cpu.P.launch(0, fn.address, 1, (40, 6, 1), arrays)
     assert cpu.K.wait(sched, 1)
-    want = np.maximum((x - 1) + 1, 0)
-    assert np.array_equal(args[5], want)
-    args[5][:] = -7.0
-    kernel(*args, sched)  # a late thread: nothing left to take
-    assert (args[5] == -7.0).all()
+    assert np.array_equal(out, np.maximum((x - 1) + 1, 0))
+    out[:] = -7.0
+    cpu.P.launch(0, fn.address, 1, (40, 6, 1), arrays)  # a late thread: nothing left to take
+    assert (out == -7.0).all()
 
 
 def test_a_forked_child_gets_its_own_threads():
@@ -232,13 +263,17 @@ def _child_batch_norm(x):
 def test_compiled_kernels_are_loaded_from_the_disk_cache_by_a_new_process():
     code = textwrap.dedent("""
         import torch, batchnorm
-        from batchnorm.kernels.cpu import _kernels as K
         x = torch.randn(4, 3, 5, requires_grad=True)
         batchnorm.BatchNorm1d(3, activation="relu")(x).sum().backward()
         x = torch.randn(4, 3, 5, 2).contiguous(memory_format=torch.channels_last)
         batchnorm.BatchNorm2d(3, activation="silu")(x.requires_grad_()).sum().backward()
-        hits = sum(sum(f.stats.cache_hits.values()) for f in K._SPECIALISED.values())
-        misses = sum(sum(f.stats.cache_misses.values()) for f in K._SPECIALISED.values())
+        from batchnorm.kernels.cpu import _variants as V
+        cfuncs = [f for f in V._SPECIALISED.values() if not hasattr(f, "stats")]
+        jits = [f for f in V._SPECIALISED.values() if hasattr(f, "stats")]
+        hits = (sum(f.cache_hits for f in cfuncs)
+                + sum(sum(f.stats.cache_hits.values()) for f in jits))
+        misses = (sum(f.cache_hits == 0 for f in cfuncs)
+                  + sum(sum(f.stats.cache_misses.values()) for f in jits))
         print(hits, misses)
     """)
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -247,7 +282,6 @@ def test_compiled_kernels_are_loaded_from_the_disk_cache_by_a_new_process():
         assert r.returncode == 0, r.stderr
     hits, misses = map(int, runs[1].stdout.split())
     assert hits >= 6 and misses == 0, runs[1].stdout
-
 
 
 @pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, np.uint16), (torch.float16, np.int16)])

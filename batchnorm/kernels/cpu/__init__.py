@@ -25,9 +25,6 @@ calling thread alone: waking a thread costs more than it saves there.
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -35,6 +32,9 @@ from torch.autograd.graph import increment_version
 
 from .. import torch_ops
 from . import _kernels as K
+from . import _parallel as P
+from . import _passes
+from . import _variants as V
 
 compute_dtype = torch_ops.compute_dtype
 
@@ -81,38 +81,10 @@ _RECENTRE_F32 = 1.0
 PARALLEL_MIN = 1 << 17
 
 
-class _Pool:
-    """Threads that run kernel ranges beside the caller; rebuilt when PyTorch's
-    thread count changes and in a forked child (the parent's threads are gone)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._executor = None
-        self._key = None
-
-    def executor(self, workers: int) -> ThreadPoolExecutor:
-        key = (workers, os.getpid())
-        with self._lock:
-            if self._key != key:
-                old, same_process = self._executor, self._key and self._key[1] == key[1]
-                self._executor = ThreadPoolExecutor(workers, "batchnorm-cpu")
-                self._key = key
-                if old is not None and same_process:
-                    old.shutdown(wait=False)
-            return self._executor
-
-
-_POOL = _Pool()
-
-
-# Chunks per thread: the calling thread starts at once and a pool thread joins
-# when it wakes (tens of microseconds later), so the work is cut finer than one
-# range per thread and handed out on demand; nobody waits for a late thread.
+# Chunks per thread: chunks are handed out on demand, so a thread that starts
+# late (a pool thread waking, an OpenMP thread descheduled) takes fewer.
 _CHUNKS_PER_THREAD = 8
 _CHUNK_MIN = 1 << 15  # elements
-# How long the caller spins for the pool's last chunks before it blocks
-# (atomic reads, ~0.1-0.3 ms).
-_SPINS = 1 << 14
 
 
 def _chunks(numel: int, ranges: int) -> int:
@@ -125,34 +97,21 @@ def _chunks(numel: int, ranges: int) -> int:
     return max(1, min(ranges, threads * _CHUNKS_PER_THREAD, numel // _CHUNK_MIN))
 
 
-def _run(kernel, args, total: int, chunks: int) -> None:
-    """``kernel(*args, sched)`` over ``range(total)`` cut into ``chunks`` chunks,
-    which this thread and up to ``torch.get_num_threads() - 1`` pool threads
-    take on demand inside the kernel (see K.schedule); all done on return."""
-    sched = K.schedule(total, chunks)
-    if chunks <= 1:
-        kernel(*args, sched)
-        return
-    helpers = min(torch.get_num_threads(), chunks) - 1
-    pool = _POOL.executor(helpers)
-    futures = [pool.submit(kernel, *args, sched) for _ in range(helpers)]
-    kernel(*args, sched)
-    # The chunks the pool took end within one chunk's time (a pool thread that
-    # wakes later finds none left and returns without touching the arrays);
-    # if one does not, its thread was descheduled: block on it instead.
-    if not K.wait(sched, _SPINS):
-        for f in futures:
-            f.result()
+def _run(fn, dims, arrays, total: int, chunks: int) -> None:
+    """Trampoline ``fn`` over ``range(total)`` in ``chunks`` chunks (see P.run)."""
+    P.run(fn, dims, arrays, total, chunks)
 
 
 class _View:
     """``x`` as a C-contiguous NumPy array: planar ``(N, C, L)`` or rows ``(M, C)``."""
 
-    __slots__ = ("kind", "shape", "perm", "numel")
+    __slots__ = ("kind", "shape", "perm", "numel", "dims", "planar")
 
     def __init__(self, kind, shape, perm):
         self.kind, self.shape, self.perm = kind, shape, perm
         self.numel = math.prod(shape)
+        self.planar = kind == "planar"
+        self.dims = shape if self.planar else (*shape, 1)  # a trampoline's (d0, d1, d2)
 
     def of(self, t: torch.Tensor) -> np.ndarray:
         """The same view of ``t`` (which has ``x``'s shape and strides); a
@@ -221,19 +180,19 @@ def _ranges(v: _View) -> int:
     return v.shape[0] * v.shape[1] if v.kind == "planar" else v.shape[0]
 
 
-def _reduce(v: _View, kernel, args) -> np.ndarray:
-    """The ``(P, 2, C)`` float64 partial sums of a reduction kernel over ``v``:
+def _reduce(v: _View, fn, arrays) -> np.ndarray:
+    """The ``(P, 2, C)`` float64 partial sums of a reduction pass over ``v``:
     one per sample (planar) or per chunk (rows)."""
     total = _ranges(v)
     chunks = _chunks(v.numel, total)
-    part = np.empty((v.shape[0] if v.kind == "planar" else chunks, 2, v.shape[1]))
-    _run(kernel, (*args, part), total, chunks)
+    part = np.empty((v.shape[0] if v.planar else chunks, 2, v.shape[1]))
+    _run(fn, v.dims, (*arrays, part), total, chunks)
     return part
 
 
-def _elementwise(v: _View, kernel, args) -> None:
+def _elementwise(v: _View, fn, arrays) -> None:
     total = _ranges(v)
-    _run(kernel, args, total, _chunks(v.numel, total))
+    _run(fn, v.dims, arrays, total, _chunks(v.numel, total))
 
 
 def _stats(v: _View, xv: np.ndarray):
@@ -243,18 +202,19 @@ def _stats(v: _View, xv: np.ndarray):
     too far off."""
     C = v.shape[1]
     m = v.numel // C
-    if v.kind == "planar":
-        kernel, recentre = K.shifted_sums_planar, _RECENTRE
+    fn = V.specialised("stats", v.planar, xv.dtype.type)
+    if v.planar:
+        recentre = _RECENTRE
         shift = _widen(xv[0, :, 0])
     else:
         ndt = np.float64 if xv.dtype == np.float64 else np.float32
-        kernel, recentre = K.shifted_sums_rows, _RECENTRE if ndt is np.float64 else _RECENTRE_F32
+        recentre = _RECENTRE if ndt is np.float64 else _RECENTRE_F32
         shift = np.empty(C, ndt)
         K.rows_shift(xv, shift)
     mean, var = np.empty(C), np.empty(C)
-    if K.finalize_stats(_reduce(v, kernel, (xv, shift)), shift, m, recentre, mean, var):
+    if K.finalize_stats(_reduce(v, fn, (xv, shift)), shift, m, recentre, mean, var):
         shift = mean.astype(shift.dtype)
-        K.finalize_stats(_reduce(v, kernel, (xv, shift)), shift, m, np.inf, mean, var)
+        K.finalize_stats(_reduce(v, fn, (xv, shift)), shift, m, np.inf, mean, var)
     return mean, var
 
 
@@ -315,12 +275,12 @@ def _normalize(v, x, xv, hi, scale, shift, residual, activation, negative_slope)
     # The pre-activation is kept in the compute dtype (as the portable path does).
     pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
     has_res = residual is not None
-    kernel = K.specialised("normalize", v.kind == "planar", K.ACT[activation], has_res,
-                           save_pre)
-    args = (xv, hi, scale, shift, v.of(v.like(residual, x)) if has_res else _dummy(v, ndt),
+    fn = V.specialised("normalize", v.planar, K.ACT[activation], has_res, save_pre,
+                       xv.dtype.type)
+    args = (xv, hi, scale, shift, v.of(v.like(residual, x)) if has_res else xv,
             v.of(out), v.of(pre) if save_pre else _dummy(v, ndt),
             _constants(ndt, negative_slope))
-    _elementwise(v, kernel, args)
+    _elementwise(v, fn, args)
     act_saved = None if activation is None else (pre if save_pre else out)
     return out, act_saved
 
@@ -353,9 +313,11 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
                                  training, eps, activation, negative_slope)
     ndt = _np_dtype(x.dtype)
     xv = v.of(x)
-    if _chunks(v.numel, _ranges(v)) == 1:
-        return _forward_one_call(v, x, xv, ndt, running_mean, running_var, weight, bias,
+    chunks = _chunks(v.numel, _ranges(v))
+    if chunks == 1 or P.use_openmp():
+        return _forward_compiled(v, x, xv, ndt, chunks, running_mean, running_var, weight, bias,
                                  residual, training, eps, activation, negative_slope)
+    # Split across our own pool (no OpenMP to run on): the passes from here.
     if training:
         mean, var = _stats(v, xv)
     else:
@@ -370,35 +332,46 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
     return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
 
 
-def _forward_one_call(v, x, xv, ndt, running_mean, running_var, weight, bias, residual,
+def _forward_compiled(v, x, xv, ndt, chunks, running_mean, running_var, weight, bias, residual,
                       training, eps, activation, negative_slope):
-    """:func:`forward` of an input that runs on one thread, as one kernel call
-    (statistics, affine coefficients and output: see K._make_forward), so the
-    per-call glue of a small input is a handful of allocations."""
+    """:func:`forward` as one compiled call (see _passes.forward): the passes on
+    PyTorch's OpenMP threads, or on this thread for a small input."""
     C = v.shape[1]
     out = _empty_like(x)
     save_pre = not K.saves_output(activation, negative_slope)
     pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
     has_res = residual is not None
-    kernel = K.specialised("forward", v.kind == "planar", K.ACT[activation], has_res, save_pre,
-                           bool(training))
+    storage = xv.dtype.type
+    normalize_fn = V.specialised("normalize", v.planar, K.ACT[activation], has_res, save_pre,
+                                 storage)
     if training:
+        stats_fn = V.specialised("stats", v.planar, storage).address
         mean, var = np.empty(C), np.empty(C)
+        recentre = _RECENTRE_F32 if not v.planar and ndt is np.float32 else _RECENTRE
     else:
+        stats_fn, recentre = 0, _RECENTRE
         mean, var = _stat_array(running_mean), _stat_array(running_var)
-    invstd, hi, scale, shift = (np.empty(C, ndt) for _ in range(4))
-    recentre = _RECENTRE_F32 if v.kind == "rows" and ndt is np.float32 else _RECENTRE
-    dummy = _dummy(v, ndt)
-    kernel(xv, eps, _param(weight, ndt), _param(bias, ndt),
-           v.of(v.like(residual, x)) if has_res else dummy, v.of(out),
-           v.of(pre) if save_pre else dummy, _constants(ndt, negative_slope), recentre, hi,
-           mean, var, invstd, hi, scale, shift)
+    # The statistics' shift: float64 for the planar sums, the compute dtype for rows.
+    shift = np.empty(C, np.float64 if v.planar else ndt)
+    invstd, hi, scale, offset = (np.empty(C, ndt) for _ in range(4))
+    threads = min(torch.get_num_threads(), chunks)
+    _passes.forward(P.GOMP_PARALLEL, threads, chunks, stats_fn, normalize_fn.address, v.dims,
+                    xv, v.of(v.like(residual, x)) if has_res else xv, v.of(out),
+                    v.of(pre) if save_pre else _dummy(v, ndt), _constants(ndt, negative_slope),
+                    eps, _param(weight, ndt), _param(bias, ndt), bool(training), recentre,
+                    shift, mean, var, invstd, hi, scale, offset)
     act_saved = None if activation is None else (pre if save_pre else out)
     if training:
         mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var.astype(ndt))
     else:
         mean_t, var_t = _in_dtype(running_mean, x.dtype), _in_dtype(running_var, x.dtype)
     return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A per-call per-channel tensor (batch statistics) as NumPy, float32 or float64."""
+    t = t.detach()
+    return t.numpy() if t.dtype in _FLOATS else t.float().numpy()
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -453,9 +426,10 @@ class _Grad:
         ``g * (x - hi)``, and the full-size ``g`` when ``keep_g``."""
         v = self.v
         g = _empty_like(self.x) if keep_g else None
-        kernel = K.specialised("grad_sums", v.kind == "planar", self.code, keep_g)
-        part = _reduce(v, kernel, (self.dy, self.xv, self.a, self.hi, self.k,
-                                   v.of(g) if keep_g else _dummy(v, self.ndt)))
+        fn = V.specialised("grad_sums", v.planar, self.code, keep_g, self.xv.dtype.type,
+                           self.a.dtype.type)
+        part = _reduce(v, fn, (self.dy, self.xv, self.a, self.hi, self.k,
+                               v.of(g) if keep_g else self.dy))
         return part, g
 
     def coefficients(self, part, invstd, weight, count, training):
@@ -470,11 +444,11 @@ class _Grad:
         ndt, v = self.ndt, self.v
         dx = _empty_like(self.x)
         use_g = g is not None
-        kernel = K.specialised("grad_input", v.kind == "planar", self.code, use_g,
-                               bool(training))
-        _elementwise(v, kernel, (self.dy, self.xv, self.a, self.hi, self.k,
-                                 v.of(g) if use_g else _dummy(v, ndt), kx.astype(ndt),
-                                 c0.astype(ndt), scale.astype(ndt), v.of(dx)))
+        fn = V.specialised("grad_input", v.planar, self.code, use_g, bool(training),
+                           self.xv.dtype.type, self.a.dtype.type)
+        _elementwise(v, fn, (self.dy, self.xv, self.a, self.hi, self.k,
+                             v.of(g) if use_g else self.dy, kx.astype(ndt),
+                             c0.astype(ndt), scale.astype(ndt), v.of(dx)))
         return dx
 
 
@@ -486,6 +460,11 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
         return torch_ops.backward(grad_out, x, mean, invstd, weight, act_saved, activation,
                                   negative_slope, training, needs_input_grad)
     need_x, need_w, need_b, need_r = needs_input_grad
+    chunks = _chunks(v.numel, _ranges(v))
+    if chunks == 1 or P.use_openmp():
+        return _backward_compiled(v, chunks, grad_out, x, mean, invstd, weight, act_saved,
+                                  activation, negative_slope, training, needs_input_grad)
+    # Split across our own pool (no OpenMP to run on): the passes from here.
     grad = _Grad(v, grad_out, x, mean, act_saved, activation, negative_slope)
     part, g = grad.sums(keep_g=need_r)
     sum_g, sum_gxc, kx, c0, scale = grad.coefficients(part, invstd, weight, _count(x),
@@ -498,6 +477,33 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
                    if need_w else None)
     grad_bias = torch.from_numpy(sum_g).to(cdtype) if need_b else None
     return grad_input, grad_weight, grad_bias, (g if need_r else None)
+
+
+def _backward_compiled(v, chunks, grad_out, x, mean, invstd, weight, act_saved, activation,
+                       negative_slope, training, needs_input_grad):
+    """:func:`backward` as one compiled call (see _passes.backward)."""
+    need_x, need_w, need_b, need_r = needs_input_grad
+    ndt = _np_dtype(x.dtype)
+    storage = v.of(x).dtype.type
+    dy = v.of(v.like(grad_out, x))
+    a = v.of(v.like(act_saved, x)) if activation is not None else dy  # unread without one
+    code = K.ACT[activation]
+    g = _empty_like(x) if need_r else None
+    gv = v.of(g) if need_r else dy
+    # A bfloat16/float16 g is rounded: dx is computed from dy instead, in float32.
+    use_g = need_r and x.dtype == compute_dtype(x.dtype)
+    sums_fn = V.specialised("grad_sums", v.planar, code, need_r, storage, a.dtype.type)
+    dx = _empty_like(x) if need_x else None
+    input_fn = (V.specialised("grad_input", v.planar, code, use_g, bool(training), storage,
+                              a.dtype.type).address if need_x else 0)
+    C = v.shape[1]
+    grad_w, grad_b = torch.empty(C, dtype=invstd.dtype), torch.empty(C, dtype=invstd.dtype)
+    _passes.backward(P.GOMP_PARALLEL, min(torch.get_num_threads(), chunks), chunks,
+                     sums_fn.address, input_fn, v.dims, dy, v.of(x), a, gv, gv if use_g else dy,
+                     v.of(dx) if need_x else dy, _np(mean), _np(invstd),
+                     _param(weight, ndt), _constants(ndt, negative_slope), _count(x),
+                     bool(training), grad_w.numpy(), grad_b.numpy())
+    return dx, grad_w if need_w else None, grad_b if need_b else None, g
 
 
 def backward_reduce(grad_out, x, mean, act_saved=None, activation=None, negative_slope=0.01,

@@ -45,7 +45,7 @@ from numba import njit
 # The 16-bit formats and the chunk scheduler live in their own files; their
 # names are re-exported here, where the driver and the tests look for them.
 from ._bits import BF16_BITS, HALF_BITS, f32_to_half_int, half_to_f32_int, ld, st
-from ._schedule import _claim, _done, schedule, schedule_one, wait
+from ._schedule import _claim, _done, schedule, wait
 
 __all__ = ["BF16_BITS", "HALF_BITS", "f32_to_half_int", "half_to_f32_int", "ld", "st",
            "schedule", "wait"]
@@ -127,6 +127,11 @@ def saves_output(activation, negative_slope) -> bool:
 def shifted_sums_planar(x, shift, out, sched):
     """``out[n, :, c] = (sum(x[n, c] - shift[c]), sum((x[n, c] - shift[c])^2))``
     in float64 for the runs ``r = n * C + c`` of the chunks taken."""
+    _shifted_sums_planar(x, shift, out, sched)
+
+
+@njit(inline="always")
+def _shifted_sums_planar(x, shift, out, sched):
     N, C, L = x.shape
     j, start, stop = _claim(sched)
     while j >= 0:
@@ -187,6 +192,11 @@ def shifted_sums_rows(x, shift, out, sched):
     """``out[j] = (sum(x - shift), sum((x - shift)^2))`` per channel over the
     rows of each chunk ``j`` taken, summed in ``shift``'s dtype by blocks of
     rows (see ROWS_BLOCK); ``out`` is the float64 ``(chunks, 2, C)`` partials."""
+    _shifted_sums_rows(x, shift, out, sched)
+
+
+@njit(inline="always")
+def _shifted_sums_rows(x, shift, out, sched):
     C = x.shape[1]
     # Sums and shift in arrays of this call's own (LLVM then knows they alias
     # nothing the loop reads).
@@ -328,26 +338,12 @@ def grad_coeffs(sum_g, sum_gxc, lo, invstd, w, count, training, kx, c0, scale):
                invstd[c], w[c] if w.size else 1.0, m, training, kx, c0, scale, c)
 
 
-# ---------------------------------------------------------------- specialised kernels
+# ---------------------------------------------------------------- pass bodies
 #
-# The elementwise passes and the gradient sums are built per variant by a
-# factory, with the activation code and the flags as compile-time constants
-# (closure cells, which Numba's disk cache keys on): a loop that tests a
-# runtime activation code around calls to exp/erf/tanh is too large for LLVM
-# to unswitch, and runs 5-10x slower than the specialised loop.
-
-_SPECIALISED: dict = {}
-
-
-def specialised(kind: str, *flags):
-    """The kernel ``kind`` (``"normalize"``, ``"grad_sums"``, ``"grad_input"``)
-    for the layout and flags given, built on first use."""
-    key = (kind, *flags)
-    fn = _SPECIALISED.get(key)
-    if fn is None:
-        fn = _SPECIALISED[key] = _FACTORIES[kind](*flags)
-    return fn
-
+# The elementwise passes and the gradient sums, inlined into their compiled
+# variants (``_variants``) with the activation code and the flags as
+# compile-time constants. Each takes chunks of the pass from ``sched`` until
+# none is left.
 
 @njit(inline="always")
 def _normalize_planar(x, hi, scale, shift, res, out, pre, kk, code, has_res, save_pre, sched):
@@ -390,63 +386,6 @@ def _normalize_rows(x, hi, scale, shift, res, out, pre, kk, code, has_res, save_
         j, start, stop = _claim(sched)
 
 
-def _make_normalize(planar, code, has_res, save_pre):
-    """``out = act(z)``, ``z = (x - hi) * scale + shift (+ res)``; ``pre = z`` if ``save_pre``."""
-    if planar:
-        @njit(**_ELEMENTWISE)
-        def normalize_planar(x, hi, scale, shift, res, out, pre, k, sched):
-            _normalize_planar(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
-                              save_pre, sched)
-        return normalize_planar
-
-    @njit(**_ELEMENTWISE)
-    def normalize_rows(x, hi, scale, shift, res, out, pre, k, sched):
-        _normalize_rows(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
-                        save_pre, sched)
-    return normalize_rows
-
-
-def _make_forward(planar, code, has_res, save_pre, training):
-    """The whole forward of a small input in one call, on the calling thread:
-    the statistics (training; else ``mean``, ``var`` are given), the affine
-    coefficients, and the normalize pass (see :func:`_make_normalize`).
-    ``stats_shift`` is the shift's dtype (see ``batchnorm.kernels.cpu._stats``)."""
-    @njit(**_ELEMENTWISE)
-    def forward_small(x, eps, w, b, res, out, pre, k, recentre, stats_shift, mean, var, invstd,
-                      hi, scale, shift):
-        C = x.shape[1]
-        total = x.shape[0] * C if planar else x.shape[0]
-        if training:
-            m = x.size // C
-            if planar:
-                sh = np.empty(C)
-                for c in range(C):
-                    sh[c] = ld(x[0, c, 0])
-                part = np.empty((x.shape[0], 2, C))
-                shifted_sums_planar(x, sh, part, schedule_one(total))
-            else:
-                sh = np.empty_like(stats_shift)
-                rows_shift(x, sh)
-                part = np.empty((1, 2, C))
-                shifted_sums_rows(x, sh, part, schedule_one(total))
-            if finalize_stats(part, sh, m, recentre, mean, var):
-                for c in range(C):
-                    sh[c] = mean[c]
-                if planar:
-                    shifted_sums_planar(x, sh, part, schedule_one(total))
-                else:
-                    shifted_sums_rows(x, sh, part, schedule_one(total))
-                finalize_stats(part, sh, m, np.inf, mean, var)
-        prepare_affine(mean, var, eps, w, b, invstd, hi, scale, shift)
-        if planar:
-            _normalize_planar(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
-                              save_pre, schedule_one(total))
-        else:
-            _normalize_rows(x, hi, scale, shift, res, out, pre, _unpack(k), code, has_res,
-                            save_pre, schedule_one(total))
-    return forward_small
-
-
 @njit(inline="always")
 def _gx(dr, ar, gr, xr, c, hc, code, keep_g, kk):
     """``(g, g * (x - hi))`` of one element, ``g = dy * act'(.)``; ``g`` stored
@@ -457,130 +396,117 @@ def _gx(dr, ar, gr, xr, c, hc, code, keep_g, kk):
     return gv, gv * (ld(xr[c]) - hc)
 
 
-def _make_grad_sums(planar, code, keep_g):
-    """Float64 ``(sum(g), sum(g * (x - hi)))`` with ``g = dy * act'(.)``; ``g``
-    written out when ``keep_g``. Planar: one float64 partial per run; rows: one
-    per chunk, summed in the compute dtype by blocks of ROWS_BLOCK rows."""
-    if planar:
-        @njit(**_REDUCE)
-        def grad_sums_planar(dy, x, a, hi, k, g, out, sched):
-            kk = _unpack(k)
-            N, C, L = x.shape
-            j, start, stop = _claim(sched)
-            while j >= 0:
-                for n in range(start // C, (stop + C - 1) // C):
-                    for c in range(max(start - n * C, 0), min(stop - n * C, C)):
-                        h = hi[c]
-                        dr, xr = dy[n, c], x[n, c]
-                        ar = a[n, c]
-                        gr = g[n, c] if keep_g else dr
-                        s1 = 0.0
-                        s2 = 0.0
-                        for i in range(L):
-                            gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
-                            if keep_g:
-                                gr[i] = st(gv, gr)
-                            s1 += np.float64(gv)
-                            s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
-                        out[n, 0, c] = s1
-                        out[n, 1, c] = s2
-                _done(sched)
-                j, start, stop = _claim(sched)
-        return grad_sums_planar
-
-    @njit(**_REDUCE)
-    def grad_sums_rows(dy, x, a, hi, k, g, out, sched):
-        kk = _unpack(k)
-        C = x.shape[1]
-        s1 = np.empty(C)  # this call's own arrays, as in shifted_sums_rows
-        s2 = np.empty(C)
-        h = hi.copy()
-        a1 = np.zeros_like(h)  # a block's sums, as in shifted_sums_rows
-        a2 = np.zeros_like(h)
-        j, r, stop = _claim(sched)
-        while j >= 0:
-            s1[:] = 0.0
-            s2[:] = 0.0
-            while r < stop:
-                r1 = min(r + ROWS_BLOCK, stop)
-                while r + 4 <= r1:
-                    d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
-                    x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-                    e0, e1, e2, e3 = a[r], a[r + 1], a[r + 2], a[r + 3]
-                    g0, g1, g2, g3 = ((g[r], g[r + 1], g[r + 2], g[r + 3]) if keep_g
-                                      else (d0, d1, d2, d3))
-                    for c in range(C):
-                        hc = h[c]
-                        u0, v0 = _gx(d0, e0, g0, x0, c, hc, code, keep_g, kk)
-                        u1, v1 = _gx(d1, e1, g1, x1, c, hc, code, keep_g, kk)
-                        u2, v2 = _gx(d2, e2, g2, x2, c, hc, code, keep_g, kk)
-                        u3, v3 = _gx(d3, e3, g3, x3, c, hc, code, keep_g, kk)
-                        a1[c] += (u0 + u1) + (u2 + u3)
-                        a2[c] += (v0 + v1) + (v2 + v3)
-                    r += 4
-                while r < r1:
-                    dr, xr, ar = dy[r], x[r], a[r]
-                    gr = g[r] if keep_g else dr
-                    for c in range(C):
-                        u, v = _gx(dr, ar, gr, xr, c, h[c], code, keep_g, kk)
-                        a1[c] += u
-                        a2[c] += v
-                    r += 1
-                _flush(a1, a2, s1, s2)
-            out[j, 0, :] = s1
-            out[j, 1, :] = s2
-            _done(sched)
-            j, r, stop = _claim(sched)
-    return grad_sums_rows
 
 
-def _make_grad_input(planar, code, use_g, training):
-    """``dx = kx * (x - hi) + c0 + scale * g`` (training) or ``scale * g`` (eval);
-    ``g`` read from ``g`` when ``use_g``, else recomputed from ``dy``."""
-    if planar:
-        @njit(**_ELEMENTWISE)
-        def grad_input_planar(dy, x, a, hi, k, g, kx, c0, scale, dx, sched):
-            kk = _unpack(k)
-            N, C, L = x.shape
-            j, start, stop = _claim(sched)
-            while j >= 0:
-                for n in range(start // C, (stop + C - 1) // C):
-                    for c in range(max(start - n * C, 0), min(stop - n * C, C)):
-                        h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
-                        dr, xr, dxr = dy[n, c], x[n, c], dx[n, c]
-                        ar = a[n, c]
-                        gr = g[n, c] if use_g else dr
-                        for i in range(L):
-                            gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
-                            if training:
-                                dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
-                            else:
-                                dxr[i] = st(s * gv, dxr)
-                _done(sched)
-                j, start, stop = _claim(sched)
-        return grad_input_planar
-
-    @njit(**_ELEMENTWISE)
-    def grad_input_rows(dy, x, a, hi, k, g, kx, c0, scale, dx, sched):
-        kk = _unpack(k)
-        C = x.shape[1]
-        hi, kx, c0, scale = hi.copy(), kx.copy(), c0.copy(), scale.copy()  # alias nothing
+@njit(inline="always")
+def _grad_sums_planar(dy, x, a, hi, kk, g, out, sched, code, keep_g):
+    """Float64 ``(sum(g), sum(g * (x - hi)))`` per run, ``g = dy * act'(.)``,
+    written to ``g`` when ``keep_g``."""
+    N, C, L = x.shape
+    j, start, stop = _claim(sched)
+    while j >= 0:
+        for n in range(start // C, (stop + C - 1) // C):
+            for c in range(max(start - n * C, 0), min(stop - n * C, C)):
+                h = hi[c]
+                dr, xr, ar = dy[n, c], x[n, c], a[n, c]
+                gr = g[n, c] if keep_g else dr
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(L):
+                    gv = _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
+                    if keep_g:
+                        gr[i] = st(gv, gr)
+                    s1 += np.float64(gv)
+                    s2 += np.float64(gv) * np.float64(ld(xr[i]) - h)
+                out[n, 0, c] = s1
+                out[n, 1, c] = s2
+        _done(sched)
         j, start, stop = _claim(sched)
-        while j >= 0:
-            for r in range(start, stop):
-                dr, xr, dxr = dy[r], x[r], dx[r]
-                ar = a[r]
-                gr = g[r] if use_g else dr
+
+
+@njit(inline="always")
+def _grad_sums_rows(dy, x, a, hi, kk, g, out, sched, code, keep_g):
+    """The same per chunk of rows, summed in the compute dtype by blocks of
+    ROWS_BLOCK rows (as :func:`shifted_sums_rows`)."""
+    C = x.shape[1]
+    s1 = np.empty(C)  # this call's own arrays, as in shifted_sums_rows
+    s2 = np.empty(C)
+    h = hi.copy()
+    a1 = np.zeros_like(h)
+    a2 = np.zeros_like(h)
+    j, r, stop = _claim(sched)
+    while j >= 0:
+        s1[:] = 0.0
+        s2[:] = 0.0
+        while r < stop:
+            r1 = min(r + ROWS_BLOCK, stop)
+            while r + 4 <= r1:
+                d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                e0, e1, e2, e3 = a[r], a[r + 1], a[r + 2], a[r + 3]
+                g0, g1, g2, g3 = ((g[r], g[r + 1], g[r + 2], g[r + 3]) if keep_g
+                                  else (d0, d1, d2, d3))
                 for c in range(C):
-                    gv = ld(gr[c]) if use_g else _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
+                    hc = h[c]
+                    u0, v0 = _gx(d0, e0, g0, x0, c, hc, code, keep_g, kk)
+                    u1, v1 = _gx(d1, e1, g1, x1, c, hc, code, keep_g, kk)
+                    u2, v2 = _gx(d2, e2, g2, x2, c, hc, code, keep_g, kk)
+                    u3, v3 = _gx(d3, e3, g3, x3, c, hc, code, keep_g, kk)
+                    a1[c] += (u0 + u1) + (u2 + u3)
+                    a2[c] += (v0 + v1) + (v2 + v3)
+                r += 4
+            while r < r1:
+                dr, xr, ar = dy[r], x[r], a[r]
+                gr = g[r] if keep_g else dr
+                for c in range(C):
+                    u, v = _gx(dr, ar, gr, xr, c, h[c], code, keep_g, kk)
+                    a1[c] += u
+                    a2[c] += v
+                r += 1
+            _flush(a1, a2, s1, s2)
+        out[j, 0, :] = s1
+        out[j, 1, :] = s2
+        _done(sched)
+        j, r, stop = _claim(sched)
+
+
+@njit(inline="always")
+def _grad_input_planar(dy, x, a, hi, kk, g, kx, c0, scale, dx, sched, code, use_g, training):
+    """``dx = kx * (x - hi) + c0 + scale * g`` (training) or ``scale * g`` (eval),
+    ``g`` read when ``use_g``, else recomputed from ``dy``."""
+    N, C, L = x.shape
+    j, start, stop = _claim(sched)
+    while j >= 0:
+        for n in range(start // C, (stop + C - 1) // C):
+            for c in range(max(start - n * C, 0), min(stop - n * C, C)):
+                h, s, kc, cc = hi[c], scale[c], kx[c], c0[c]
+                dr, xr, dxr, ar = dy[n, c], x[n, c], dx[n, c], a[n, c]
+                gr = g[n, c] if use_g else dr
+                for i in range(L):
+                    gv = ld(gr[i]) if use_g else _act_grad(ld(dr[i]), ld(ar[i]), code, kk)
                     if training:
-                        dxr[c] = st(kx[c] * (ld(xr[c]) - hi[c]) + c0[c] + scale[c] * gv, dxr)
+                        dxr[i] = st(kc * (ld(xr[i]) - h) + cc + s * gv, dxr)
                     else:
-                        dxr[c] = st(scale[c] * gv, dxr)
-            _done(sched)
-            j, start, stop = _claim(sched)
-    return grad_input_rows
+                        dxr[i] = st(s * gv, dxr)
+        _done(sched)
+        j, start, stop = _claim(sched)
 
 
-_FACTORIES = {"normalize": _make_normalize, "grad_sums": _make_grad_sums,
-              "grad_input": _make_grad_input, "forward": _make_forward}
+@njit(inline="always")
+def _grad_input_rows(dy, x, a, hi, kk, g, kx, c0, scale, dx, sched, code, use_g, training):
+    """:func:`_grad_input_planar` over rows."""
+    C = x.shape[1]
+    hi, kx, c0, scale = hi.copy(), kx.copy(), c0.copy(), scale.copy()  # alias nothing
+    j, start, stop = _claim(sched)
+    while j >= 0:
+        for r in range(start, stop):
+            dr, xr, dxr, ar = dy[r], x[r], dx[r], a[r]
+            gr = g[r] if use_g else dr
+            for c in range(C):
+                gv = ld(gr[c]) if use_g else _act_grad(ld(dr[c]), ld(ar[c]), code, kk)
+                if training:
+                    dxr[c] = st(kx[c] * (ld(xr[c]) - hi[c]) + c0[c] + scale[c] * gv, dxr)
+                else:
+                    dxr[c] = st(scale[c] * gv, dxr)
+        _done(sched)
+        j, start, stop = _claim(sched)

@@ -66,9 +66,15 @@ def schedule(total: int, chunks: int) -> np.ndarray:
 
 
 @njit(inline="always")
-def schedule_one(total):
-    """:func:`schedule` of one chunk, in compiled code."""
+def schedule_jit(total, chunks):
+    """:func:`schedule`, in compiled code."""
     sched = np.zeros(4, np.int64)
-    sched[2] = 1
+    sched[2] = chunks
     sched[3] = total
     return sched
+
+
+@njit(inline="always")
+def schedule_one(total):
+    """:func:`schedule` of one chunk, in compiled code."""
+    return schedule_jit(total, 1)
