@@ -337,9 +337,7 @@ def _forward_compiled(v, x, xv, ndt, chunks, running_mean, running_var, weight, 
     """:func:`forward` as one compiled call (see _passes.forward): the passes on
     PyTorch's OpenMP threads, or on this thread for a small input."""
     C = v.shape[1]
-    out = _empty_like(x)
     save_pre = not K.saves_output(activation, negative_slope)
-    pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
     has_res = residual is not None
     storage = xv.dtype.type
     normalize_fn = V.specialised("normalize", v.planar, K.ACT[activation], has_res, save_pre,
@@ -354,6 +352,8 @@ def _forward_compiled(v, x, xv, ndt, chunks, running_mean, running_var, weight, 
     # The statistics' shift: float64 for the planar sums, the compute dtype for rows.
     shift = np.empty(C, np.float64 if v.planar else ndt)
     invstd, hi, scale, offset = (np.empty(C, ndt) for _ in range(4))
+    out = _empty_like(x)
+    pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
     threads = min(torch.get_num_threads(), chunks)
     _passes.forward(P.GOMP_PARALLEL, threads, chunks, stats_fn, normalize_fn.address, v.dims,
                     xv, v.of(v.like(residual, x)) if has_res else xv, v.of(out),
@@ -493,11 +493,11 @@ def _backward_compiled(v, chunks, grad_out, x, mean, invstd, weight, act_saved, 
     # A bfloat16/float16 g is rounded: dx is computed from dy instead, in float32.
     use_g = need_r and x.dtype == compute_dtype(x.dtype)
     sums_fn = V.specialised("grad_sums", v.planar, code, need_r, storage, a.dtype.type)
-    dx = _empty_like(x) if need_x else None
     input_fn = (V.specialised("grad_input", v.planar, code, use_g, bool(training), storage,
                               a.dtype.type).address if need_x else 0)
     C = v.shape[1]
     grad_w, grad_b = torch.empty(C, dtype=invstd.dtype), torch.empty(C, dtype=invstd.dtype)
+    dx = _empty_like(x) if need_x else None
     _passes.backward(P.GOMP_PARALLEL, min(torch.get_num_threads(), chunks), chunks,
                      sums_fn.address, input_fn, v.dims, dy, v.of(x), a, gv, gv if use_g else dy,
                      v.of(dx) if need_x else dy, _np(mean), _np(invstd),
