@@ -9,17 +9,19 @@ CPU, reach the kernels as their bits; inputs of another layout (an arbitrary
 permutation) or dtype run on the portable path, per call, with the same
 results contract.
 
-Threads: the kernels are serial and release the GIL; a pass over a large
-tensor is cut into chunks that the calling thread and a pool of
-``torch.get_num_threads() - 1`` threads of ours take on demand, inside the
-kernel call (an atomic counter, see ``_kernels``); the pool's threads sleep
-(no spinning) between calls, and the caller spins only for the last chunks
-of its own call. A program that
-limits PyTorch (``torch.set_num_threads(1)``) limits these kernels too, the
-two never run at the same time, and there is no second OpenMP runtime in the
-process (Numba's ``parallel=True`` would bring one, spinning beside
-PyTorch's). Small tensors (below :data:`PARALLEL_MIN` elements) run on the
-calling thread alone: waking a thread costs more than it saves there.
+Threads: a pass over a large tensor is cut into chunks that threads take on
+demand from an atomic counter, inside the compiled pass (``_schedule``).
+Where PyTorch runs on OpenMP (its Linux and macOS wheels) the threads are
+PyTorch's own: each pass is an OpenMP region of its runtime with
+``torch.get_num_threads()`` threads (``_parallel``), so the two never
+oversubscribe the machine, ``torch.set_num_threads`` governs both, and the
+threads are awake when a PyTorch operator ran just before. Elsewhere, and in
+a forked child, the calling thread and a pool of ours run the chunks (the
+pool sleeps between calls). The forward and the backward are each one
+compiled call (``_passes``) that runs its passes and the per-channel
+arithmetic between them. Small tensors (below :data:`PARALLEL_MIN`
+elements) run on the calling thread alone: waking a thread costs more than
+it saves there.
 """
 
 from __future__ import annotations
