@@ -52,9 +52,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     if (running_mean.dtype in _FLOATS and running_var.dtype in _FLOATS
             and mean.dtype in _FLOATS and var.dtype in _FLOATS
             and all(t.device.type == "cpu" for t in (running_mean, running_var, mean, var))):
-        K.update_running(running_mean.detach().numpy(), running_var.detach().numpy(),
-                         mean.detach().numpy(), var.detach().numpy(), count / (count - 1),
-                         float(momentum))
+        K.update_running(_channel_array(running_mean), _channel_array(running_var),
+                         _np(mean), _np(var), count / (count - 1), float(momentum))
         # Written through NumPy: tell autograd the buffers changed, as an
         # in-place torch op would (a graph that saved them then refuses to run).
         increment_version((running_mean, running_var))
@@ -135,7 +134,23 @@ class _View:
 
 
 def _view(x: torch.Tensor) -> _View | None:
-    """How the kernels see ``x``, or ``None`` when they cannot (the portable path runs)."""
+    """How the kernels see ``x``, or ``None`` when they cannot (the portable path runs);
+    cached per (shape, strides, dtype, device), which is all it depends on."""
+    key = (x.shape, x.stride(), x.dtype, x.device.type)
+    try:
+        return _VIEW_OF[key]
+    except KeyError:
+        pass
+    if len(_VIEW_OF) >= 1024:
+        _VIEW_OF.clear()
+    v = _VIEW_OF[key] = _make_view(x)
+    return v
+
+
+_VIEW_OF: dict[tuple, _View | None] = {}
+
+
+def _make_view(x: torch.Tensor) -> _View | None:
     if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0:
         return None
     N, C = x.shape[0], x.shape[1]
