@@ -216,9 +216,9 @@ class _BatchNormFunction(torch.autograd.Function):
             grads = ctx.ops.backward(grad_out, x, mean, invstd, weight, act_saved,
                                      ctx.activation, ctx.negative_slope, ctx.training, needs)
         grad_input, grad_weight, grad_bias, grad_residual = grads
-        if grad_weight is not None:
+        if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
+        if grad_bias is not None and grad_bias.dtype != bias.dtype:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_input, grad_weight, grad_bias, grad_residual, *([None] * 7)
 

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import literal_unroll, njit, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from ._schedule import schedule, wait
@@ -76,20 +76,38 @@ def _omp_parallel(typingctx, gomp, fn, data, threads):
     return types.void(types.int64, types.int64, types.int64, types.int64), codegen
 
 
+@njit(inline="always")
+def _put(block, i, a):
+    block[3 + 2 * i] = a.ctypes.data
+    block[4 + 2 * i] = a.shape[0]
+
+
 @njit(cache=True, nogil=True)
 def launch(gomp, fn, threads, dims, arrays):
-    """Run trampoline ``fn`` on a block ``[d0, d1, d2, (pointer, len) per array]``:
-    as an OpenMP region of ``threads`` threads when ``gomp`` (the address of
-    ``GOMP_parallel``) is set and ``threads > 1``, else on this thread."""
-    block = np.empty(3 + 2 * len(arrays), np.int64)
+    """Run trampoline ``fn`` on a block ``[d0, d1, d2, (pointer, len) per array]``
+    (4 to 11 arrays): as an OpenMP region of ``threads`` threads when ``gomp``
+    (the address of ``GOMP_parallel``) is set and ``threads > 1``, else on
+    this thread."""
+    n = len(arrays)  # a compile-time constant: the branches below are pruned
+    block = np.empty(3 + 2 * n, np.int64)
     block[0] = dims[0]
     block[1] = dims[1]
     block[2] = dims[2]
-    i = 3
-    for a in literal_unroll(arrays):
-        block[i] = a.ctypes.data
-        block[i + 1] = a.shape[0]
-        i += 2
+    # Written out rather than a literal_unroll loop, which compiles ~2x slower.
+    _put(block, 0, arrays[0])
+    _put(block, 1, arrays[1])
+    _put(block, 2, arrays[2])
+    _put(block, 3, arrays[3])
+    if n > 4:
+        _put(block, 4, arrays[4])
+        _put(block, 5, arrays[5])
+        _put(block, 6, arrays[6])
+        _put(block, 7, arrays[7])
+    if n > 8:
+        _put(block, 8, arrays[8])
+    if n > 9:
+        _put(block, 9, arrays[9])
+        _put(block, 10, arrays[10])
     if gomp != 0 and threads > 1:
         _omp_parallel(gomp, fn, block.ctypes.data, threads)
     else:
