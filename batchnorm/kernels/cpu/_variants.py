@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, cfunc, njit, types
 
+from . import _bodies as Bd
 from . import _kernels as K
 from ._kernels import _unpack
 from ._parallel import as_pointer
@@ -96,7 +97,7 @@ def _make_normalize(planar, code, has_res, save_pre, storage):
         def normalize_planar(data):
             b = carray(data, (21,), np.int64)
             shape = (b[0], b[1], b[2])
-            K._normalize_planar(
+            Bd._normalize_planar(
                 _arr(b, 0, storage, shape), _vec(b, 1, ct), _vec(b, 2, ct), _vec(b, 3, ct),
                 _arr(b, 4, storage, shape), _arr(b, 5, storage, shape), _arr(b, 6, ct, shape),
                 _unpack(_vec(b, 7, ct)), code, has_res, save_pre, _vec(b, 8, np.int64))
@@ -106,7 +107,7 @@ def _make_normalize(planar, code, has_res, save_pre, storage):
     def normalize_rows(data):
         b = carray(data, (21,), np.int64)
         shape = (b[0], b[1])
-        K._normalize_rows(
+        Bd._normalize_rows(
             _arr(b, 0, storage, shape), _vec(b, 1, ct), _vec(b, 2, ct), _vec(b, 3, ct),
             _arr(b, 4, storage, shape), _arr(b, 5, storage, shape), _arr(b, 6, ct, shape),
             _unpack(_vec(b, 7, ct)), code, has_res, save_pre, _vec(b, 8, np.int64))
@@ -123,7 +124,7 @@ def _make_grad_sums(planar, code, keep_g, storage, a_type):
         def grad_sums_planar(data):
             b = carray(data, (19,), np.int64)
             shape = (b[0], b[1], b[2])
-            K._grad_sums_planar(
+            Bd._grad_sums_planar(
                 _arr(b, 0, storage, shape), _arr(b, 1, storage, shape),
                 _arr(b, 2, a_type, shape), _vec(b, 3, ct), _unpack(_vec(b, 4, ct)),
                 _arr(b, 5, storage, shape), _partials(b, 6), _vec(b, 7, np.int64), code,
@@ -134,7 +135,7 @@ def _make_grad_sums(planar, code, keep_g, storage, a_type):
     def grad_sums_rows(data):
         b = carray(data, (19,), np.int64)
         shape = (b[0], b[1])
-        K._grad_sums_rows(
+        Bd._grad_sums_rows(
             _arr(b, 0, storage, shape), _arr(b, 1, storage, shape), _arr(b, 2, a_type, shape),
             _vec(b, 3, ct), _unpack(_vec(b, 4, ct)), _arr(b, 5, storage, shape),
             _partials(b, 6), _vec(b, 7, np.int64), code, keep_g)
@@ -151,7 +152,7 @@ def _make_grad_input(planar, code, use_g, training, storage, a_type):
         def grad_input_planar(data):
             b = carray(data, (25,), np.int64)
             shape = (b[0], b[1], b[2])
-            K._grad_input_planar(
+            Bd._grad_input_planar(
                 _arr(b, 0, storage, shape), _arr(b, 1, storage, shape),
                 _arr(b, 2, a_type, shape), _vec(b, 3, ct), _unpack(_vec(b, 4, ct)),
                 _arr(b, 5, storage, shape), _vec(b, 6, ct), _vec(b, 7, ct), _vec(b, 8, ct),
@@ -162,7 +163,7 @@ def _make_grad_input(planar, code, use_g, training, storage, a_type):
     def grad_input_rows(data):
         b = carray(data, (25,), np.int64)
         shape = (b[0], b[1])
-        K._grad_input_rows(
+        Bd._grad_input_rows(
             _arr(b, 0, storage, shape), _arr(b, 1, storage, shape), _arr(b, 2, a_type, shape),
             _vec(b, 3, ct), _unpack(_vec(b, 4, ct)), _arr(b, 5, storage, shape),
             _vec(b, 6, ct), _vec(b, 7, ct), _vec(b, 8, ct), _arr(b, 9, storage, shape),
