@@ -209,6 +209,22 @@ def test_thread_count_follows_torch_and_does_not_change_results(fmt, openmp, mon
         assert_close(a, b, 1e-13, 1e-13)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PyTorch's Linux wheels")
+def test_the_kernels_find_pytorchs_openmp_runtime_unless_told_not_to():
+    # PyTorch's Linux wheels run on GNU OpenMP: the passes must use it (else
+    # they would silently fall back to our own pool), and BATCHNORM_CPU_OPENMP=0
+    # keeps them off it.
+    if not torch._C.has_openmp:
+        pytest.skip("this PyTorch build has no OpenMP")
+    assert cpu.P.GOMP_PARALLEL != 0 and cpu.P.use_openmp()
+    code = ("from batchnorm.kernels.cpu import _parallel as P; "
+            "print(P.GOMP_PARALLEL, P.use_openmp())")
+    env = {**__import__("os").environ, cpu.P.ENV_VAR: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["0", "False"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
 def test_the_kernels_start_no_threads_beside_torchs():
     # With PyTorch on OpenMP the passes run on its threads: once PyTorch's

@@ -119,14 +119,20 @@ def launch(gomp, fn, threads, dims, arrays):
 
 # ---------------------------------------------------------------- which threads
 
+# Set to 0 to keep the passes off PyTorch's OpenMP threads (on our own pool).
+ENV_VAR = "BATCHNORM_CPU_OPENMP"
+
+
 def _find_gomp_parallel() -> int:
     """The address of ``GOMP_parallel`` in the OpenMP runtime PyTorch runs on,
-    or 0 (PyTorch not on OpenMP, or no such symbol loaded)."""
+    or 0 (PyTorch not on OpenMP, no such symbol loaded, or ENV_VAR=0)."""
+    if os.environ.get(ENV_VAR, "").strip() == "0":
+        return 0
     if not getattr(torch._C, "has_openmp", False):
         return 0
     try:
         fn = ctypes.CDLL(None).GOMP_parallel  # the runtime PyTorch loaded, process-wide
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such symbol; Windows: no CDLL(None)
         return 0
     return ctypes.cast(fn, ctypes.c_void_p).value or 0
 
