@@ -110,24 +110,19 @@ def _chunks(numel: int, ranges: int) -> int:
     return max(1, min(ranges, threads * _CHUNKS_PER_THREAD, numel // _CHUNK_MIN))
 
 
-def _run(fn, dims, arrays, total: int, chunks: int) -> None:
-    """Trampoline ``fn`` over ``range(total)`` in ``chunks`` chunks (see P.run)."""
-    P.run(fn, dims, arrays, total, chunks)
-
-
 def _reduce(v: _View, fn, arrays) -> np.ndarray:
     """The ``(P, 2, C)`` float64 partial sums of a reduction pass over ``v``:
     one per sample (planar) or per chunk (rows)."""
     total = _ranges(v)
     chunks = _chunks(v.numel, total)
     part = np.empty((v.shape[0] if v.planar else chunks, 2, v.shape[1]))
-    _run(fn, v.dims, (*arrays, part), total, chunks)
+    P.run(fn, v.dims, (*arrays, part), total, chunks)
     return part
 
 
 def _elementwise(v: _View, fn, arrays) -> None:
     total = _ranges(v)
-    _run(fn, v.dims, arrays, total, _chunks(v.numel, total))
+    P.run(fn, v.dims, arrays, total, _chunks(v.numel, total))
 
 
 def _stats(v: _View, xv: np.ndarray):

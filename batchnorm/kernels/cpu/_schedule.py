@@ -72,9 +72,3 @@ def schedule_jit(total, chunks):
     sched[2] = chunks
     sched[3] = total
     return sched
-
-
-@njit(inline="always")
-def schedule_one(total):
-    """:func:`schedule` of one chunk, in compiled code."""
-    return schedule_jit(total, 1)
