@@ -112,21 +112,6 @@ def _grad_sums_rows(dy, x, a, hi, kk, g, out, sched, code, keep_g):
         s2[:] = 0.0
         while r < stop:
             r1 = min(r + ROWS_BLOCK, stop)
-            while r + 4 <= r1:
-                d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
-                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-                e0, e1, e2, e3 = a[r], a[r + 1], a[r + 2], a[r + 3]
-                g0, g1, g2, g3 = ((g[r], g[r + 1], g[r + 2], g[r + 3]) if keep_g
-                                  else (d0, d1, d2, d3))
-                for c in range(C):
-                    hc = h[c]
-                    u0, v0 = _gx(d0, e0, g0, x0, c, hc, code, keep_g, kk)
-                    u1, v1 = _gx(d1, e1, g1, x1, c, hc, code, keep_g, kk)
-                    u2, v2 = _gx(d2, e2, g2, x2, c, hc, code, keep_g, kk)
-                    u3, v3 = _gx(d3, e3, g3, x3, c, hc, code, keep_g, kk)
-                    a1[c] += (u0 + u1) + (u2 + u3)
-                    a2[c] += (v0 + v1) + (v2 + v3)
-                r += 4
             while r < r1:
                 dr, xr, ar = dy[r], x[r], a[r]
                 gr = g[r] if keep_g else dr

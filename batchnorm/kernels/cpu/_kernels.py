@@ -152,9 +152,12 @@ def _shifted_sums_planar(x, shift, out, sched):
 
 
 # Rows reductions sum a block of at most ROWS_BLOCK rows in the compute dtype
-# (float32 lanes for float32 and bfloat16 input, float64 for float64), four
-# rows per step (one load and store of the block's sums per four rows), and
-# add each block into float64 partials. A float32 block sum is off by at most
+# (float32 lanes for float32 and bfloat16 input, float64 for float64), one
+# row per step, and add each block into float64 partials. (Four rows per step
+# ran up to 4x slower than one, depending on where the block's sums were
+# allocated relative to the rows: stores to the sums stall loads whose
+# addresses match them modulo 4 KiB, and four row streams meet that four
+# times as often.) A float32 block sum is off by at most
 # ~ROWS_BLOCK * 2^-24 of its terms' magnitude; the statistics keep that small
 # by shifting around a sample mean (:func:`rows_shift`) and re-centring when
 # the shift is more than a standard deviation off (see
@@ -211,17 +214,6 @@ def _shifted_sums_rows(x, shift, out, sched):
         s2[:] = 0.0
         while r < stop:
             r1 = min(r + ROWS_BLOCK, stop)
-            while r + 4 <= r1:
-                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-                for c in range(C):
-                    kc = k[c]
-                    d0 = ld(x0[c]) - kc
-                    d1 = ld(x1[c]) - kc
-                    d2 = ld(x2[c]) - kc
-                    d3 = ld(x3[c]) - kc
-                    a1[c] += (d0 + d1) + (d2 + d3)
-                    a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                r += 4
             while r < r1:
                 xr = x[r]
                 for c in range(C):
