@@ -154,10 +154,10 @@ def _shifted_sums_planar(x, shift, out, sched):
 # Rows reductions sum a block of at most ROWS_BLOCK rows in the compute dtype
 # (float32 lanes for float32 and bfloat16 input, float64 for float64), one
 # row per step, and add each block into float64 partials. (Four rows per step
-# ran up to 4x slower than one, depending on where the block's sums were
-# allocated relative to the rows: stores to the sums stall loads whose
-# addresses match them modulo 4 KiB, and four row streams meet that four
-# times as often.) A float32 block sum is off by at most
+# ran up to 4x slower than one, from one process to the next, depending on
+# where the block's sums were allocated relative to the rows: likely stores
+# to the sums stalling loads whose addresses match them modulo 4 KiB, which
+# four row streams meet four times as often as one.) A float32 block sum is off by at most
 # ~ROWS_BLOCK * 2^-24 of its terms' magnitude; the statistics keep that small
 # by shifting around a sample mean (:func:`rows_shift`) and re-centring when
 # the shift is more than a standard deviation off (see
