@@ -67,7 +67,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     float32/float64 CPU buffers."""
     if (running_mean.dtype in _FLOATS and running_var.dtype in _FLOATS
             and mean.dtype in _FLOATS and var.dtype in _FLOATS
-            and all(t.device.type == "cpu" for t in (running_mean, running_var, mean, var))):
+            and running_mean.is_cpu and running_var.is_cpu and mean.is_cpu and var.is_cpu):
         K.update_running(_channel_array(running_mean), _channel_array(running_var),
                          _np(mean), _np(var), count / (count - 1), float(momentum))
         # Written through NumPy: tell autograd the buffers changed, as an
@@ -230,35 +230,67 @@ def forward(x, running_mean, running_var, weight, bias, residual, training, eps,
     return out, act_saved, mean_t, var_t, torch.from_numpy(invstd)
 
 
+class _ForwardPlan:
+    """What a forward's signature (view, dtype, mode, epilogue) fixes: the
+    compiled passes and the small arrays they take, made once (see _plan)."""
+
+    __slots__ = ("stats_fn", "normalize_fn", "save_pre", "ndt", "cdtype", "k", "dummy",
+                 "recentre", "shift_dtype")
+
+    def __init__(self, v, dtype, training, activation, negative_slope, has_res):
+        self.ndt = ndt = _np_dtype(dtype)
+        self.cdtype = compute_dtype(dtype)
+        storage = v.storage
+        self.save_pre = not K.saves_output(activation, negative_slope)
+        self.normalize_fn = V.specialised("normalize", v.planar, K.ACT[activation], has_res,
+                                          self.save_pre, storage).address
+        self.stats_fn = V.specialised("stats", v.planar, storage).address if training else 0
+        self.recentre = _RECENTRE_F32 if training and not v.planar and ndt is np.float32 \
+            else _RECENTRE
+        # The statistics' shift: float64 for the planar sums, the compute dtype for rows.
+        self.shift_dtype = np.float64 if v.planar else ndt
+        self.k = _constants(ndt, negative_slope)
+        self.dummy = _dummy(v, ndt)
+
+
+def _plan(cls, key):
+    """The plan of class ``cls`` for ``key`` (whose first item is the view), made once."""
+    plan = _PLANS.get(key)
+    return _new_plan(cls, key) if plan is None else plan
+
+
+@torch.compiler.disable  # compiles kernels: torch.compile runs it as it is, not traced
+def _new_plan(cls, key):
+    if len(_PLANS) >= 1024:
+        _PLANS.clear()
+    plan = _PLANS[key] = cls(*key)
+    return plan
+
+
+_PLANS: dict[tuple, object] = {}
+
+
 def _forward_compiled(v, x, xv, ndt, chunks, running_mean, running_var, weight, bias, residual,
                       training, eps, activation, negative_slope):
     """:func:`forward` as one compiled call (see _passes.forward): the passes on
     PyTorch's OpenMP threads, or on this thread for a small input."""
-    C = v.shape[1]
-    save_pre = not K.saves_output(activation, negative_slope)
     has_res = residual is not None
-    storage = xv.dtype.type
-    normalize_fn = V.specialised("normalize", v.planar, K.ACT[activation], has_res, save_pre,
-                                 storage)
+    p = _plan(_ForwardPlan, (v, x.dtype, bool(training), activation, negative_slope, has_res))
+    C = v.shape[1]
     if training:
-        stats_fn = V.specialised("stats", v.planar, storage).address
         mean, var = np.empty(C), np.empty(C)
-        recentre = _RECENTRE_F32 if not v.planar and ndt is np.float32 else _RECENTRE
     else:
-        stats_fn, recentre = 0, _RECENTRE
         mean, var = _stat_array(running_mean), _stat_array(running_var)
-    # The statistics' shift: float64 for the planar sums, the compute dtype for rows.
-    shift = np.empty(C, np.float64 if v.planar else ndt)
-    invstd, hi, scale, offset = (np.empty(C, ndt) for _ in range(4))
+    shift = np.empty(C, p.shift_dtype)
+    invstd, hi, scale, offset = np.empty((4, C), ndt)
     out = _empty_like(x)
-    pre = _empty_like(x, dtype=compute_dtype(x.dtype)) if save_pre else None
-    threads = min(torch.get_num_threads(), chunks)
-    _passes.forward(P.GOMP_PARALLEL, threads, chunks, stats_fn, normalize_fn.address, v.dims,
-                    xv, v.of(v.like(residual, x)) if has_res else xv, v.of(out),
-                    v.of(pre) if save_pre else _dummy(v, ndt), _constants(ndt, negative_slope),
-                    eps, _param(weight, ndt), _param(bias, ndt), bool(training), recentre,
+    pre = _empty_like(x, dtype=p.cdtype) if p.save_pre else None
+    _passes.forward(P.GOMP_PARALLEL, min(torch.get_num_threads(), chunks), chunks, p.stats_fn,
+                    p.normalize_fn, v.dims, xv, v.of(v.like(residual, x)) if has_res else xv,
+                    v.of(out), v.of(pre) if p.save_pre else p.dummy, p.k, eps,
+                    _param(weight, ndt), _param(bias, ndt), bool(training), p.recentre,
                     shift, mean, var, invstd, hi, scale, offset)
-    act_saved = None if activation is None else (pre if save_pre else out)
+    act_saved = None if activation is None else (pre if p.save_pre else out)
     if training:
         mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var.astype(ndt))
     else:
@@ -343,31 +375,46 @@ def backward(grad_out, x, mean, invstd, weight, act_saved=None, activation=None,
     return grad_input, grad_weight, grad_bias, (g if need_r else None)
 
 
+class _BackwardPlan:
+    """What a backward's signature fixes (see _ForwardPlan)."""
+
+    __slots__ = ("sums_fn", "input_fn", "use_g", "ndt", "k")
+
+    def __init__(self, v, dtype, a_storage, activation, negative_slope, training, need_x,
+                 need_r):
+        self.ndt = _np_dtype(dtype)
+        code = K.ACT[activation]
+        # A bfloat16/float16 g is rounded: dx is computed from dy instead, in float32.
+        self.use_g = need_r and dtype == compute_dtype(dtype)
+        self.sums_fn = V.specialised("grad_sums", v.planar, code, need_r, v.storage,
+                                     a_storage).address
+        self.input_fn = (V.specialised("grad_input", v.planar, code, self.use_g, training,
+                                       v.storage, a_storage).address if need_x else 0)
+        self.k = _constants(self.ndt, negative_slope)
+
+
 def _backward_compiled(v, chunks, grad_out, x, mean, invstd, weight, act_saved, activation,
                        negative_slope, training, needs_input_grad):
     """:func:`backward` as one compiled call (see _passes.backward)."""
     need_x, need_w, need_b, need_r = needs_input_grad
-    ndt = _np_dtype(x.dtype)
-    storage = v.of(x).dtype.type
     dy = v.of(v.like(grad_out, x))
     a = v.of(v.like(act_saved, x)) if activation is not None else dy  # unread without one
-    code = K.ACT[activation]
+    p = _plan(_BackwardPlan, (v, x.dtype, a.dtype.type, activation, negative_slope,
+                              bool(training), bool(need_x), bool(need_r)))
     g = _empty_like(x) if need_r else None
     gv = v.of(g) if need_r else dy
-    # A bfloat16/float16 g is rounded: dx is computed from dy instead, in float32.
-    use_g = need_r and x.dtype == compute_dtype(x.dtype)
-    sums_fn = V.specialised("grad_sums", v.planar, code, need_r, storage, a.dtype.type)
-    input_fn = (V.specialised("grad_input", v.planar, code, use_g, bool(training), storage,
-                              a.dtype.type).address if need_x else 0)
     C = v.shape[1]
-    grad_w, grad_b = torch.empty(C, dtype=invstd.dtype), torch.empty(C, dtype=invstd.dtype)
+    # grad_weight and grad_bias in invstd's dtype (the compute dtype).
+    grad_wb = np.empty((2, C), np.float64 if invstd.dtype == torch.float64 else np.float32)
     dx = _empty_like(x) if need_x else None
     _passes.backward(P.GOMP_PARALLEL, min(torch.get_num_threads(), chunks), chunks,
-                     sums_fn.address, input_fn, v.dims, dy, v.of(x), a, gv, gv if use_g else dy,
+                     p.sums_fn, p.input_fn, v.dims, dy, v.of(x), a, gv, gv if p.use_g else dy,
                      v.of(dx) if need_x else dy, _np(mean), _np(invstd),
-                     _param(weight, ndt), _constants(ndt, negative_slope), _count(x),
-                     bool(training), grad_w.numpy(), grad_b.numpy())
-    return dx, grad_w if need_w else None, grad_b if need_b else None, g
+                     _param(weight, p.ndt), p.k, _count(x), bool(training), grad_wb[0],
+                     grad_wb[1])
+    grad_w = torch.from_numpy(grad_wb[0]) if need_w else None
+    grad_b = torch.from_numpy(grad_wb[1]) if need_b else None
+    return dx, grad_w, grad_b, g
 
 
 def backward_reduce(grad_out, x, mean, act_saved=None, activation=None, negative_slope=0.01,

@@ -27,13 +27,15 @@ _BITS = {torch.bfloat16: K.BF16_BITS, torch.float16: K.HALF_BITS}
 class _View:
     """``x`` as a C-contiguous NumPy array: planar ``(N, C, L)`` or rows ``(M, C)``."""
 
-    __slots__ = ("kind", "shape", "perm", "numel", "dims", "planar")
+    __slots__ = ("kind", "shape", "perm", "numel", "dims", "planar", "storage")
 
-    def __init__(self, kind, shape, perm):
+    def __init__(self, kind, shape, perm, dtype):
         self.kind, self.shape, self.perm = kind, shape, perm
         self.numel = math.prod(shape)
         self.planar = kind == "planar"
         self.dims = shape if self.planar else (*shape, 1)  # a trampoline's (d0, d1, d2)
+        # The NumPy type the kernels read ``x`` as (16-bit formats: their bits).
+        self.storage = _BITS.get(dtype) or _np_dtype(dtype)
 
     def of(self, t: torch.Tensor) -> np.ndarray:
         """The same view of ``t`` (which has ``x``'s shape and strides); a
@@ -78,11 +80,11 @@ def _make_view(x: torch.Tensor) -> _View | None:
     L = x.numel() // (N * C)
     if x.is_contiguous():
         if L == 1:
-            return _View("rows", (N, C), None)
-        return _View("planar", (N, C, L), None)
+            return _View("rows", (N, C), None, x.dtype)
+        return _View("planar", (N, C, L), None, x.dtype)
     perm = (0, *range(2, x.dim()), 1)
     if x.permute(perm).is_contiguous():
-        return _View("rows", (N * L, C), perm)
+        return _View("rows", (N * L, C), perm, x.dtype)
     return None
 
 
