@@ -194,6 +194,9 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, eps,
                 activation, negative_slope, ops):
+        # The statistics' gradients are never defined: do not have autograd make
+        # zero tensors for them on every backward (~5 us a step).
+        ctx.set_materialize_grads(False)
         out, act_saved, mean, var, invstd = ops.forward(
             input, running_mean, running_var, weight, bias, residual, training, eps,
             activation, negative_slope)
@@ -207,6 +210,8 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_):
+        if grad_out is None:  # nothing flowed back into the output
+            return (None,) * 11
         x, weight, bias, residual, mean, invstd, act_saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():
