@@ -404,17 +404,15 @@ def _backward_compiled(v, chunks, grad_out, x, mean, invstd, weight, act_saved, 
     g = _empty_like(x) if need_r else None
     gv = v.of(g) if need_r else dy
     C = v.shape[1]
-    # grad_weight and grad_bias in invstd's dtype (the compute dtype).
-    grad_wb = np.empty((2, C), np.float64 if invstd.dtype == torch.float64 else np.float32)
+    # Allocated by torch, as before the plans: they reach users as .grad.
+    grad_w, grad_b = torch.empty(C, dtype=invstd.dtype), torch.empty(C, dtype=invstd.dtype)
     dx = _empty_like(x) if need_x else None
     _passes.backward(P.GOMP_PARALLEL, min(torch.get_num_threads(), chunks), chunks,
                      p.sums_fn, p.input_fn, v.dims, dy, v.of(x), a, gv, gv if p.use_g else dy,
                      v.of(dx) if need_x else dy, _np(mean), _np(invstd),
-                     _param(weight, p.ndt), p.k, _count(x), bool(training), grad_wb[0],
-                     grad_wb[1])
-    grad_w = torch.from_numpy(grad_wb[0]) if need_w else None
-    grad_b = torch.from_numpy(grad_wb[1]) if need_b else None
-    return dx, grad_w, grad_b, g
+                     _param(weight, p.ndt), p.k, _count(x), bool(training), grad_w.numpy(),
+                     grad_b.numpy())
+    return dx, grad_w if need_w else None, grad_b if need_b else None, g
 
 
 def backward_reduce(grad_out, x, mean, act_saved=None, activation=None, negative_slope=0.01,
