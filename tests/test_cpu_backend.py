@@ -126,6 +126,27 @@ def test_every_epilogue_in_both_layouts_matches_the_reference(activation, fmt):
         assert_close(got, want, **F64, name=name)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_users_tensors_stay_resizable(fmt, dtype):
+    # The kernels see tensors through NumPy; ``Tensor.numpy()`` would mark each
+    # one as never resizable again, which PyTorch's batch norm does not do.
+    import batchnorm
+
+    m = batchnorm.BatchNorm2d(3, activation="relu", backend="cpu")
+    x = make_input((4, 3, 5, 5), dtype, fmt, seed=9, requires_grad=True)
+    res = make_input((4, 3, 5, 5), dtype, fmt, seed=10, requires_grad=True)
+    y = m(x, res)
+    y.square().sum().backward()
+    touched = {"input": x, "residual": res, "output": y, "input grad": x.grad,
+               "residual grad": res.grad, "weight": m.weight, "weight grad": m.weight.grad,
+               "bias grad": m.bias.grad, "running_mean": m.running_mean,
+               "running_var": m.running_var}
+    fixed = [name for name, t in touched.items() if not t.untyped_storage().resizable()]
+    assert not fixed, f"marked not resizable: {fixed}"
+    x.data.resize_(2, 3)  # what failed: "Trying to resize storage that is not resizable"
+
+
 # ---------------------------------------------------------------- accuracy
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

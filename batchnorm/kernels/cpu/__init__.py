@@ -51,6 +51,7 @@ from ._views import (  # noqa: F401 (DTYPES, runs_on: the backend's interface)
     _View,
     _view,
     _widen,
+    as_numpy,
     runs_on,
 )
 
@@ -410,8 +411,8 @@ def _backward_compiled(v, chunks, grad_out, x, mean, invstd, weight, act_saved, 
     _passes.backward(P.GOMP_PARALLEL, min(torch.get_num_threads(), chunks), chunks,
                      p.sums_fn, p.input_fn, v.dims, dy, v.of(x), a, gv, gv if p.use_g else dy,
                      v.of(dx) if need_x else dy, _np(mean), _np(invstd),
-                     _param(weight, p.ndt), p.k, _count(x), bool(training), grad_w.numpy(),
-                     grad_b.numpy())
+                     _param(weight, p.ndt), p.k, _count(x), bool(training),
+                     as_numpy(grad_w, (C,)), as_numpy(grad_b, (C,)))
     return dx, grad_w if need_w else None, grad_b if need_b else None, g
 
 

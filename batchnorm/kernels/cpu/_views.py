@@ -38,22 +38,51 @@ class _View:
         self.storage = _BITS.get(dtype) or _np_dtype(dtype)
 
     def of(self, t: torch.Tensor) -> np.ndarray:
-        """The same view of ``t`` (which has ``x``'s shape and strides); a
-        bfloat16 or float16 tensor as its bits (see _BITS)."""
-        t = t.detach()
-        bits = _BITS.get(t.dtype)
-        if bits is not None:
-            t = t.view(torch.int16)
-        if self.perm is not None:
-            t = t.permute(self.perm)
-        a = t.numpy().reshape(self.shape)
-        return a if bits is None else a.view(bits)
+        """The same view of ``t`` (which has ``x``'s shape and strides: its
+        memory is this view's C-contiguous array); a bfloat16 or float16
+        tensor as its bits (see _BITS)."""
+        return as_numpy(t, self.shape)
 
     def like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``t`` (its dtype kept) with ``x``'s layout; a copy only when it differs."""
         if t.stride() == x.stride():
             return t
         return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+class _Exported:
+    """A tensor's memory offered to NumPy through ``__array_interface__``.
+
+    ``Tensor.numpy()`` marks the tensor's storage as never resizable again, a
+    side effect on the user's inputs, outputs, parameters and gradients that
+    PyTorch's own batch norm does not have; this does not touch the tensor.
+    NumPy keeps this object, and with it the tensor, as the array's base.
+    """
+
+    __slots__ = ("__array_interface__", "_tensor")
+
+    def __init__(self, t: torch.Tensor, shape: tuple, strides: tuple | None, typestr: str):
+        self._tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": shape,
+                                    "strides": strides, "typestr": typestr, "version": 3}
+
+
+# NumPy's type string per tensor dtype, as the kernels read it (16-bit floats:
+# their bits, see _BITS) and as values (NumPy's float16; no bfloat16 there).
+_BITS_TYPESTR = {torch.float32: np.dtype(np.float32).str,
+                 torch.float64: np.dtype(np.float64).str,
+                 torch.bfloat16: np.dtype(K.BF16_BITS).str,
+                 torch.float16: np.dtype(K.HALF_BITS).str}
+_VALUE_TYPESTR = {**_BITS_TYPESTR, torch.float16: np.dtype(np.float16).str}
+
+
+def as_numpy(t: torch.Tensor, shape: tuple, strides: tuple | None = None,
+             values: bool = False) -> np.ndarray:
+    """``t``'s memory as a NumPy array of ``shape`` (C-contiguous, or with byte
+    ``strides``): 16-bit floats as their bits, or as values (float16 only)
+    with ``values``; without ``Tensor.numpy()`` (see _Exported)."""
+    typestr = (_VALUE_TYPESTR if values else _BITS_TYPESTR)[t.dtype]
+    return np.asarray(_Exported(t, shape, strides, typestr))
 
 
 def _view(x: torch.Tensor) -> _View | None:
@@ -121,8 +150,8 @@ def _ranges(v: _View) -> int:
 
 
 # NumPy views of per-channel tensors (weights, biases, running statistics),
-# by tensor object: a module hands the same ones to every call, and
-# ``.detach().numpy()`` costs a microsecond or two each. An entry holds its
+# by tensor object: a module hands the same ones to every call, and making
+# one costs a microsecond or two. An entry holds its
 # tensor, so an id is not reused while it is cached; a tensor whose storage
 # was swapped (``.data =``, ``resize_``) misses.
 _VIEWS: dict[int, tuple] = {}
@@ -132,12 +161,12 @@ _VIEWS_MAX = 1024
 
 
 def _channel_array(t: torch.Tensor) -> np.ndarray:
-    """``t.detach().numpy()`` for a per-channel tensor, cached (see _VIEWS)."""
+    """A per-channel tensor as NumPy (see as_numpy), cached (see _VIEWS)."""
     key = (t.data_ptr(), t.numel(), t.dtype)
     hit = _VIEWS.get(id(t))
     if hit is not None and hit[0] is t and hit[1] == key:
         return hit[2]
-    a = t.detach().numpy()
+    a = as_numpy(t, (t.numel(),), (t.stride(0) * t.element_size(),), values=True)
     if len(_VIEWS) >= _VIEWS_MAX:
         _VIEWS.clear()
     _VIEWS[id(t)] = (t, key, a)
