@@ -94,7 +94,9 @@ def torch_to_keras_weights(state_dict, *, center=True, scale=True, count=None, r
         raise ValueError(f"epsilon must be positive, got {epsilon!r}")
 
     def array(key):
-        return state_dict[key].detach().cpu().to(torch.float32).numpy()
+        # A copy: Tensor.numpy() on the module's own tensor would mark it as
+        # never resizable again.
+        return state_dict[key].detach().to("cpu", torch.float32, copy=True).numpy()
 
     mean = array("running_mean")
     weights = []

@@ -254,6 +254,8 @@ def test_converters_match_torch_modules():
     ours = bk.BatchNormalization()
     ours.build(x.shape)
     ours.set_weights(bk.torch_to_keras_weights(module.state_dict()))
+    # copies: the module's own tensors are not marked unresizable by Tensor.numpy()
+    assert all(t.untyped_storage().resizable() for t in module.state_dict().values())
     for u, v in zip(layer.get_weights(), ours.get_weights(), strict=True):
         np.testing.assert_array_equal(u, v)
     # count= rescales the biased variance to the unbiased one, and back
