@@ -297,6 +297,18 @@ def _child_batch_norm(x):
 
 # ---------------------------------------------------------------- disk cache
 
+def test_a_training_step_does_not_import_torch_dynamo():
+    # torch._dynamo takes ~1 s to import; only torch.compile should pay it.
+    code = textwrap.dedent("""
+        import sys, torch, batchnorm
+        m = batchnorm.BatchNorm2d(3, activation="relu", backend="cpu")
+        m(torch.randn(4, 3, 5, 5, requires_grad=True)).sum().backward()
+        m.eval()(torch.randn(4, 3, 5, 5))
+        assert "torch._dynamo" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
 def test_compiled_kernels_are_loaded_from_the_disk_cache_by_a_new_process():
     code = textwrap.dedent("""
         import torch, batchnorm

@@ -26,6 +26,9 @@ it saves there.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
@@ -260,12 +263,25 @@ def _plan(cls, key):
     return _new_plan(cls, key) if plan is None else plan
 
 
-@torch.compiler.disable  # compiles kernels: torch.compile runs it as it is, not traced
 def _new_plan(cls, key):
+    # Making a plan compiles kernels: torch.compile must run it as it is, not
+    # trace it. torch.compile has imported torch._dynamo; importing it here
+    # just to say so (torch.compiler.disable does) would cost every process ~1 s.
+    if "torch._dynamo" in sys.modules:
+        return _untraced(_make_plan)(cls, key)
+    return _make_plan(cls, key)
+
+
+def _make_plan(cls, key):
     if len(_PLANS) >= 1024:
         _PLANS.clear()
     plan = _PLANS[key] = cls(*key)
     return plan
+
+
+@functools.cache
+def _untraced(fn):
+    return torch.compiler.disable(fn)
 
 
 _PLANS: dict[tuple, object] = {}
